@@ -1,0 +1,159 @@
+//! Ring-buffer records decoded into typed events.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use tapwire_common::{
+    DIR_EGRESS, EventHeader, EventKind, HEADER_LEN, ROLE_CLIENT, ROLE_SERVER, SockInfo, Syscall,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Bytes the process read from the socket.
+    Ingress,
+    /// Bytes the process wrote to the socket.
+    Egress,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Unknown,
+    /// The watched process opened the connection.
+    Client,
+    /// The watched process accepted the connection.
+    Server,
+}
+
+/// Local and peer endpoints of a TCP connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoints {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+}
+
+/// Fields common to every event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub pid: u32,
+    pub tid: u32,
+    pub cgroup_id: u64,
+    /// Kernel `struct sock` address: the connection's identity while it is open.
+    pub sock: u64,
+    pub fd: i32,
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataEvent {
+    pub origin: Origin,
+    pub direction: Direction,
+    pub syscall: Syscall,
+    /// Bytes the syscall moved; `payload` holds only the first `payload.len()` of them.
+    pub total_len: u32,
+    pub payload: Vec<u8>,
+    pub role: Role,
+    pub endpoints: Option<Endpoints>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Data(DataEvent),
+    Close(Origin),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than the {HEADER_LEN}-byte event header")]
+    Short(usize),
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("unknown syscall number {0}")]
+    UnknownSyscall(u32),
+    #[error("payload length {captured} exceeds the record ({available} bytes) or the total ({total})")]
+    BadLength { captured: u32, available: usize, total: u32 },
+}
+
+impl Event {
+    /// Decodes one ring-buffer record. Never panics, whatever the bytes.
+    pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
+        if record.len() < HEADER_LEN {
+            return Err(DecodeError::Short(record.len()));
+        }
+        // SAFETY: EventHeader is plain old data and the record holds at least HEADER_LEN bytes;
+        // read_unaligned copes with any alignment of the ring-buffer slice.
+        let h: EventHeader = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+        let origin = Origin {
+            pid: h.pid,
+            tid: h.tid,
+            cgroup_id: h.cgroup_id,
+            sock: h.sock,
+            fd: h.fd,
+            ts_ns: h.ts_ns,
+        };
+        match EventKind::from_u32(h.kind) {
+            Some(EventKind::Close) => Ok(Event::Close(origin)),
+            Some(EventKind::Data) => {
+                let syscall = Syscall::from_u32(h.syscall).ok_or(DecodeError::UnknownSyscall(h.syscall))?;
+                let available = record.len() - HEADER_LEN;
+                if h.captured_len as usize > available || h.captured_len > h.total_len {
+                    return Err(DecodeError::BadLength {
+                        captured: h.captured_len,
+                        available,
+                        total: h.total_len,
+                    });
+                }
+                let payload = record[HEADER_LEN..HEADER_LEN + h.captured_len as usize].to_vec();
+                Ok(Event::Data(DataEvent {
+                    origin,
+                    direction: if h.direction == DIR_EGRESS { Direction::Egress } else { Direction::Ingress },
+                    syscall,
+                    total_len: h.total_len,
+                    payload,
+                    role: match h.sock_info.role {
+                        ROLE_CLIENT => Role::Client,
+                        ROLE_SERVER => Role::Server,
+                        _ => Role::Unknown,
+                    },
+                    endpoints: endpoints(&h.sock_info),
+                }))
+            }
+            None => Err(DecodeError::UnknownKind(h.kind)),
+        }
+    }
+
+    pub fn origin(&self) -> &Origin {
+        match self {
+            Event::Data(d) => &d.origin,
+            Event::Close(o) => o,
+        }
+    }
+}
+
+/// Endpoints from the kernel's view of the socket, `None` when it never reported them.
+pub fn endpoints(info: &SockInfo) -> Option<Endpoints> {
+    let ip = |a: &[u8; 16]| -> Option<IpAddr> {
+        match info.family as i32 {
+            libc::AF_INET => Some(IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))),
+            libc::AF_INET6 => {
+                let v6 = Ipv6Addr::from(*a);
+                // An IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d; report it as IPv4.
+                Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
+            }
+            _ => None,
+        }
+    };
+    Some(Endpoints {
+        local: SocketAddr::new(ip(&info.saddr)?, info.sport),
+        peer: SocketAddr::new(ip(&info.daddr)?, info.dport),
+    })
+}
+
+/// Encodes an event the way the kernel lays it out. Used by tests, golden files and fuzzing.
+pub fn encode(header: &EventHeader, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    // SAFETY: EventHeader is repr(C) plain old data without padding holes.
+    let bytes = unsafe { std::slice::from_raw_parts((header as *const EventHeader).cast::<u8>(), HEADER_LEN) };
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(payload);
+    out
+}

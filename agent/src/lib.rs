@@ -1,0 +1,14 @@
+//! tapwire: a zero-code instrumentation agent. The path of one request through the agent:
+//!
+//! capture (kernel events) -> protocols (HTTP/1 parsing) -> correlate (connections, exchanges,
+//! spans) -> export (console, OTLP). discover names the services; telemetry counts every loss.
+
+pub mod app;
+pub mod capture;
+pub mod clock;
+pub mod correlate;
+pub mod discover;
+pub mod export;
+pub mod model;
+pub mod protocols;
+pub mod telemetry;

@@ -1,0 +1,39 @@
+//! The agent's own health: counters for every loss and every unit of work, readable by
+//! the metrics exporter and printed on shutdown.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Process-wide counters. Every field is a monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Ring-buffer events decoded by user space.
+    pub events_read: AtomicU64,
+    /// Events the kernel could not put in the ring buffer (read from the kernel's counter map).
+    pub events_lost: AtomicU64,
+    /// Ring-buffer records that failed to decode (wrong size or kind).
+    pub events_malformed: AtomicU64,
+    /// HTTP/1 messages that failed to parse.
+    pub parse_failures_http1: AtomicU64,
+    /// Connections dropped from the tracking table because it was full.
+    pub connections_evicted: AtomicU64,
+    /// Spans handed to the exporter.
+    pub spans_created: AtomicU64,
+    /// Spans the collector accepted.
+    pub spans_exported: AtomicU64,
+    /// Spans whose export failed for good (after retries, or rejected by the collector).
+    pub spans_failed: AtomicU64,
+    /// Spans dropped because the export queue was full.
+    pub spans_dropped: AtomicU64,
+}
+
+impl Counters {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}

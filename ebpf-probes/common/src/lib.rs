@@ -1,0 +1,182 @@
+//! The contract between tapwire's kernel programs and its user-space agent.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so that both sides agree on the layout
+//! byte for byte. Event kinds and flag bits are stable numbers: never renumber them.
+#![no_std]
+
+/// Names of the maps and globals, shared so that user space finds what the kernel side declares.
+pub mod names {
+    /// Ring buffer carrying [`crate::EventHeader`]-prefixed events to user space.
+    pub const EVENTS: &str = "EVENTS";
+    /// cgroup id (u64) -> 1 for every selected cgroup. Filled by user space.
+    pub const SELECTED_CGROUPS: &str = "SELECTED_CGROUPS";
+    /// Per-CPU loss counters, indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Global: tgid of the agent itself, never captured.
+    pub const AGENT_TGID: &str = "AGENT_TGID";
+    /// Global: how many payload bytes to copy per syscall (at most [`crate::MAX_PAYLOAD`]).
+    pub const PAYLOAD_CAP: &str = "PAYLOAD_CAP";
+}
+
+/// Largest payload prefix one event can carry. The runtime cap (`PAYLOAD_CAP`) is at most this.
+pub const MAX_PAYLOAD: usize = 4096;
+/// Default runtime payload prefix: 1 KiB per syscall.
+pub const DEFAULT_PAYLOAD_CAP: u32 = 1024;
+/// Capacity of the ring buffer in bytes (a power of two, a multiple of the page size).
+pub const RING_BYTES: u32 = 8 << 20;
+
+/// What an event is. The numbers are part of the ABI.
+#[repr(u32)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(Debug))]
+pub enum EventKind {
+    /// Bytes read from or written to a TCP socket by a selected process.
+    Data = 1,
+    /// A selected process closed a TCP socket it had used.
+    Close = 2,
+}
+
+impl EventKind {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Data),
+            2 => Some(Self::Close),
+            _ => None,
+        }
+    }
+}
+
+/// Direction of a data event, seen from the process.
+pub const DIR_INGRESS: u32 = 0;
+pub const DIR_EGRESS: u32 = 1;
+
+/// Role of a connection, learnt in the kernel from `sock:inet_sock_set_state`.
+pub const ROLE_UNKNOWN: u32 = 0;
+/// The process opened the connection (it went through SYN_SENT).
+pub const ROLE_CLIENT: u32 = 1;
+/// The connection was accepted from a listening socket (it came from SYN_RECV).
+pub const ROLE_SERVER: u32 = 2;
+
+/// Which syscall produced a data event (for diagnostics and per-path tests).
+#[repr(u32)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(Debug))]
+pub enum Syscall {
+    Read = 1,
+    Write = 2,
+    Readv = 3,
+    Writev = 4,
+    Recvfrom = 5,
+    Sendto = 6,
+    Recvmsg = 7,
+    Sendmsg = 8,
+    Close = 9,
+}
+
+impl Syscall {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Read),
+            2 => Some(Self::Write),
+            3 => Some(Self::Readv),
+            4 => Some(Self::Writev),
+            5 => Some(Self::Recvfrom),
+            6 => Some(Self::Sendto),
+            7 => Some(Self::Recvmsg),
+            8 => Some(Self::Sendmsg),
+            9 => Some(Self::Close),
+            _ => None,
+        }
+    }
+}
+
+/// Endpoints of a TCP connection as the kernel reported them in `inet_sock_set_state`.
+/// `saddr`/`sport` are the local side. IPv4 addresses use the first 4 bytes of the arrays.
+#[repr(C)]
+#[derive(Clone, Copy)]
+#[cfg_attr(feature = "user", derive(Debug, PartialEq, Eq))]
+pub struct SockInfo {
+    /// AF_INET (2) or AF_INET6 (10); 0 when the kernel never reported this socket's state.
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u16,
+    /// One of the `ROLE_*` constants.
+    pub role: u32,
+    pub _pad2: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+impl SockInfo {
+    pub const EMPTY: Self = Self {
+        family: 0,
+        sport: 0,
+        dport: 0,
+        _pad: 0,
+        role: ROLE_UNKNOWN,
+        _pad2: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+    };
+}
+
+/// The fixed header in front of every ring-buffer event. For [`EventKind::Data`] it is followed
+/// by `captured_len` payload bytes (the prefix of what the syscall moved).
+#[repr(C)]
+#[derive(Clone, Copy)]
+#[cfg_attr(feature = "user", derive(Debug))]
+pub struct EventHeader {
+    /// One of [`EventKind`].
+    pub kind: u32,
+    /// `DIR_INGRESS` or `DIR_EGRESS`.
+    pub direction: u32,
+    /// Process id (tgid) and thread id.
+    pub pid: u32,
+    pub tid: u32,
+    /// cgroup v2 id (inode number of the cgroup directory) of the calling thread.
+    pub cgroup_id: u64,
+    /// Address of the kernel `struct sock`: identifies the connection while it lives.
+    pub sock: u64,
+    /// CLOCK_MONOTONIC nanoseconds at syscall exit (close: at entry).
+    pub ts_ns: u64,
+    /// Bytes the syscall moved (its return value).
+    pub total_len: u32,
+    /// Payload bytes that follow this header (<= total_len, <= PAYLOAD_CAP).
+    pub captured_len: u32,
+    /// File descriptor in the process.
+    pub fd: i32,
+    /// One of [`Syscall`].
+    pub syscall: u32,
+    /// Connection endpoints and role, when known.
+    pub sock_info: SockInfo,
+}
+
+pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
+
+/// Indexes into the per-CPU `COUNTERS` array: every loss in the kernel is counted.
+#[repr(u32)]
+#[derive(Clone, Copy)]
+#[cfg_attr(feature = "user", derive(Debug))]
+pub enum Counter {
+    /// Events that did not fit in the ring buffer.
+    RingbufFull = 0,
+    /// Payload copies from user memory that failed (the event is sent without payload).
+    PayloadReadFailed = 1,
+    /// Syscalls whose entry state could not be stored (map full).
+    InflightMapFull = 2,
+    /// Events emitted.
+    EventsEmitted = 3,
+}
+pub const COUNTER_SLOTS: u32 = 8;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, repr(C), every field an integer or integer array, no padding holes.
+    unsafe impl aya::Pod for super::SockInfo {}
+    unsafe impl aya::Pod for super::EventHeader {}
+}
+
+// Layout checks: a change here is an ABI change on both sides.
+const _: () = assert!(core::mem::size_of::<SockInfo>() == 48);
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 104);

@@ -1,5 +1,8 @@
 //! Which processes to watch and what to call them.
 
+pub mod cgroup;
+pub mod resource;
+
 use std::sync::Arc;
 
 use crate::model::Resource;

@@ -1,0 +1,106 @@
+//! `tapwire check`: the preflight a node operator runs. Every line says what was checked and,
+//! when it failed, why and what to do.
+
+use std::{fmt::Write as _, path::Path};
+
+use super::{CaptureConfig, HOOKS, Probes, tracefs};
+use crate::discover::cgroup;
+
+/// Result of one check line.
+pub struct Line {
+    pub ok: bool,
+    /// Required for tapwire to run (a failing required line makes the exit status non-zero).
+    pub required: bool,
+    pub what: String,
+    pub detail: String,
+}
+
+/// Runs every check. Returns the lines and whether tapwire can run here.
+pub fn run() -> (Vec<Line>, bool) {
+    let mut lines = Vec::new();
+    let mut push = |ok: bool, required: bool, what: &str, detail: String| {
+        lines.push(Line { ok, required, what: what.to_owned(), detail });
+    };
+
+    let uname = nix::sys::utsname::uname().ok();
+    let release = uname.as_ref().map_or_else(|| "unknown".into(), |u| u.release().to_string_lossy().into_owned());
+    let (major, minor) = parse_kernel(&release);
+    push((major, minor) >= (5, 8), true, "kernel", format!("Linux {release} (needs 5.8 or later for ring buffers)"));
+
+    let root = nix::unistd::geteuid().is_root();
+    push(root, true, "privileges", if root { "running as root".into() } else { "not root: tapwire needs root or CAP_BPF + CAP_PERFMON (+ CAP_SYS_ADMIN to mount tracefs)".into() });
+
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    push(btf, false, "kernel BTF", if btf { "/sys/kernel/btf/vmlinux present".into() } else { "/sys/kernel/btf/vmlinux missing (not needed by the tracepoint probes)".into() });
+
+    match tracefs::ensure() {
+        tracefs::TracefsState::Ready { mounted_by_us } => push(true, true, "tracefs", if mounted_by_us { format!("was not mounted; mounted it at {}", tracefs::TRACEFS) } else { format!("mounted at {}", tracefs::TRACEFS) }),
+        tracefs::TracefsState::Unavailable { reason } => push(false, true, "tracefs", reason),
+    }
+
+    match cgroup::cgroup2_mount() {
+        Some(m) => push(true, true, "cgroup v2", format!("mounted at {}", m.display())),
+        None => push(false, true, "cgroup v2", "no cgroup2 filesystem in /proc/self/mounts: tapwire selects services by cgroup v2; mount it (e.g. at /sys/fs/cgroup/unified)".into()),
+    }
+
+    match Probes::load(&CaptureConfig::default()) {
+        Err(e) => push(false, true, "eBPF programs", error_chain(&e)),
+        Ok(mut probes) => {
+            push(true, true, "eBPF programs", "the kernel accepted tapwire's object (maps and ring buffer created)".into());
+            for hook in HOOKS {
+                let (_, category, name, purpose) = *hook;
+                match probes.attach(hook) {
+                    Ok(()) => push(true, true, &format!("hook {category}/{name}"), format!("loads and attaches ({purpose})")),
+                    Err(e) => push(false, true, &format!("hook {category}/{name}"), error_chain(&e)),
+                }
+            }
+            // Dropping `probes` detaches everything again.
+        }
+    }
+    let ok = lines.iter().all(|l| l.ok || !l.required);
+    (lines, ok)
+}
+
+/// Formats the report the way `tapwire check` prints it.
+pub fn render(lines: &[Line], ok: bool) -> String {
+    let mut out = String::new();
+    let width = lines.iter().map(|l| l.what.len()).max().unwrap_or(0);
+    for l in lines {
+        let mark = match (l.ok, l.required) {
+            (true, _) => "ok  ",
+            (false, true) => "FAIL",
+            (false, false) => "warn",
+        };
+        let _ = writeln!(out, "[{mark}] {:width$}  {}", l.what, l.detail);
+    }
+    let _ = writeln!(out, "{}", if ok { "tapwire can run on this node." } else { "tapwire cannot run on this node: fix the FAIL lines above." });
+    out
+}
+
+fn parse_kernel(release: &str) -> (u32, u32) {
+    let mut it = release.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// "outer: inner: innermost" so the operator sees the kernel's reason.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let _ = write!(s, ": {inner}");
+        source = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_release_parses() {
+        assert_eq!(parse_kernel("6.18.44-fc-v657"), (6, 18));
+        assert_eq!(parse_kernel("5.15.0-91-generic"), (5, 15));
+        assert_eq!(parse_kernel("garbage"), (0, 0));
+    }
+}

@@ -1,0 +1,158 @@
+//! The embedded eBPF object: load, attach every hook, keep the cgroup selection map in sync.
+
+use std::collections::HashSet;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use tapwire_common::{COUNTER_SLOTS, MAX_PAYLOAD, names};
+
+/// The object built by agent/build.rs from ebpf-probes/ (empty when built without eBPF).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapwire-probes"));
+
+/// Every hook tapwire attaches: (program name in the object, tracepoint category, tracepoint
+/// name, what it is for). `tapwire check` reports each of them.
+pub const HOOKS: &[(&str, &str, &str, &str)] = &[
+    ("sys_enter_read", "syscalls", "sys_enter_read", "bytes read from sockets"),
+    ("sys_exit_read", "syscalls", "sys_exit_read", "bytes read from sockets"),
+    ("sys_enter_write", "syscalls", "sys_enter_write", "bytes written to sockets"),
+    ("sys_exit_write", "syscalls", "sys_exit_write", "bytes written to sockets"),
+    ("sys_enter_readv", "syscalls", "sys_enter_readv", "vectored reads"),
+    ("sys_exit_readv", "syscalls", "sys_exit_readv", "vectored reads"),
+    ("sys_enter_writev", "syscalls", "sys_enter_writev", "vectored writes"),
+    ("sys_exit_writev", "syscalls", "sys_exit_writev", "vectored writes"),
+    ("sys_enter_recvfrom", "syscalls", "sys_enter_recvfrom", "recv/recvfrom"),
+    ("sys_exit_recvfrom", "syscalls", "sys_exit_recvfrom", "recv/recvfrom"),
+    ("sys_enter_sendto", "syscalls", "sys_enter_sendto", "send/sendto"),
+    ("sys_exit_sendto", "syscalls", "sys_exit_sendto", "send/sendto"),
+    ("sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg", "recvmsg"),
+    ("sys_exit_recvmsg", "syscalls", "sys_exit_recvmsg", "recvmsg"),
+    ("sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg", "sendmsg"),
+    ("sys_exit_sendmsg", "syscalls", "sys_exit_sendmsg", "sendmsg"),
+    ("sys_enter_close", "syscalls", "sys_enter_close", "end of connections"),
+    ("sock_send_length", "sock", "sock_send_length", "which TCP socket a send uses"),
+    ("sock_recv_length", "sock", "sock_recv_length", "which TCP socket a receive uses"),
+    ("inet_sock_set_state", "sock", "inet_sock_set_state", "connection endpoints and client/server role"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("this tapwire binary was built without its eBPF programs (bpf-linker was missing at build time); rebuild with `cargo xtask build`")]
+    NoProbes,
+    #[error("the kernel refused to load tapwire's eBPF programs")]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF program {0} is missing from the embedded object")]
+    MissingProgram(&'static str),
+    #[error("eBPF map {0} is missing from the embedded object")]
+    MissingMap(&'static str),
+    #[error("the kernel refused to load program {name}")]
+    ProgramLoad { name: &'static str, #[source] source: aya::programs::ProgramError },
+    #[error("could not attach {category}:{name}")]
+    Attach { category: &'static str, name: &'static str, #[source] source: aya::programs::ProgramError },
+    #[error("map operation on {map} failed")]
+    Map { map: &'static str, #[source] source: aya::maps::MapError },
+}
+
+/// Settings that shape the kernel side.
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// Payload bytes copied per syscall (clamped to MAX_PAYLOAD).
+    pub payload_cap: u32,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig { payload_cap: tapwire_common::DEFAULT_PAYLOAD_CAP }
+    }
+}
+
+/// The loaded object. Dropping it detaches every program: attachments are file descriptors
+/// held by this process (nothing is pinned), so even a kill -9 leaves nothing attached.
+pub struct Probes {
+    ebpf: Ebpf,
+    selected: HashSet<u64>,
+}
+
+impl Probes {
+    /// Loads the object with the agent's own pid excluded and the payload cap set.
+    pub fn load(config: &CaptureConfig) -> Result<Probes, CaptureError> {
+        if OBJECT.is_empty() {
+            return Err(CaptureError::NoProbes);
+        }
+        // Older kernels charge eBPF memory to RLIMIT_MEMLOCK; harmless where memcg accounting is used.
+        let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: setrlimit with a valid struct; failure is not fatal.
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+        let tgid = std::process::id();
+        let cap = config.payload_cap.min(MAX_PAYLOAD as u32);
+        let ebpf = EbpfLoader::new()
+            .override_global(names::AGENT_TGID, &tgid, true)
+            .override_global(names::PAYLOAD_CAP, &cap, true)
+            .load(OBJECT)
+            .map_err(CaptureError::Load)?;
+        Ok(Probes { ebpf, selected: HashSet::new() })
+    }
+
+    /// Loads and attaches one hook.
+    pub fn attach(&mut self, hook: &(&'static str, &'static str, &'static str, &'static str)) -> Result<(), CaptureError> {
+        let (prog_name, category, name, _) = *hook;
+        let program: &mut TracePoint = self
+            .ebpf
+            .program_mut(prog_name)
+            .ok_or(CaptureError::MissingProgram(prog_name))?
+            .try_into()
+            .map_err(|source| CaptureError::ProgramLoad { name: prog_name, source })?;
+        program.load().map_err(|source| CaptureError::ProgramLoad { name: prog_name, source })?;
+        program.attach(category, name).map_err(|source| CaptureError::Attach { category, name, source })?;
+        Ok(())
+    }
+
+    /// Attaches every hook in [`HOOKS`], stopping at the first failure.
+    pub fn attach_all(&mut self) -> Result<(), CaptureError> {
+        for hook in HOOKS {
+            self.attach(hook)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel map hold exactly `ids`. Returns how many ids were added and removed.
+    pub fn set_selection(&mut self, ids: &HashSet<u64>) -> Result<(usize, usize), CaptureError> {
+        let map = self.ebpf.map_mut(names::SELECTED_CGROUPS).ok_or(CaptureError::MissingMap(names::SELECTED_CGROUPS))?;
+        let mut map: BpfHashMap<&mut MapData, u64, u32> =
+            BpfHashMap::try_from(map).map_err(|source| CaptureError::Map { map: names::SELECTED_CGROUPS, source })?;
+        let mut added = 0;
+        for id in ids.difference(&self.selected) {
+            map.insert(id, 1, 0).map_err(|source| CaptureError::Map { map: names::SELECTED_CGROUPS, source })?;
+            added += 1;
+        }
+        let mut removed = 0;
+        for id in self.selected.difference(ids) {
+            // A cgroup that is already gone may have been removed by the kernel side; ignore.
+            let _ = map.remove(id);
+            removed += 1;
+        }
+        self.selected = ids.clone();
+        Ok((added, removed))
+    }
+
+    /// Takes the ring buffer out of the object, for the reader task.
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, CaptureError> {
+        let map = self.ebpf.take_map(names::EVENTS).ok_or(CaptureError::MissingMap(names::EVENTS))?;
+        RingBuf::try_from(map).map_err(|source| CaptureError::Map { map: names::EVENTS, source })
+    }
+
+    /// The kernel's counters (see `tapwire_common::Counter`), summed over CPUs.
+    pub fn kernel_counters(&self) -> Result<[u64; COUNTER_SLOTS as usize], CaptureError> {
+        let map = self.ebpf.map(names::COUNTERS).ok_or(CaptureError::MissingMap(names::COUNTERS))?;
+        let array: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| CaptureError::Map { map: names::COUNTERS, source })?;
+        let mut out = [0u64; COUNTER_SLOTS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let values = array.get(&(i as u32), 0).map_err(|source| CaptureError::Map { map: names::COUNTERS, source })?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+}

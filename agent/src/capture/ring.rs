@@ -1,0 +1,45 @@
+//! Draining the ring buffer from tokio.
+
+use aya::maps::{MapData, RingBuf};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use super::event::Event;
+use crate::telemetry::Counters;
+
+pub struct RingReader {
+    fd: AsyncFd<RingBuf<MapData>>,
+}
+
+impl RingReader {
+    pub fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
+        Ok(RingReader { fd: AsyncFd::with_interest(ring, Interest::READABLE)? })
+    }
+
+    /// Waits until the kernel has written records, then decodes up to `max` of them into `out`.
+    /// Records that do not decode are counted and logged (rate-limited by the caller's log filter).
+    pub async fn read_batch(&mut self, out: &mut Vec<Event>, counters: &Counters, max: usize) -> std::io::Result<()> {
+        loop {
+            let mut guard = self.fd.readable_mut().await?;
+            let ring = guard.get_inner_mut();
+            let mut n = 0;
+            while n < max {
+                let Some(item) = ring.next() else { break };
+                n += 1;
+                Counters::inc(&counters.events_read);
+                match Event::decode(&item) {
+                    Ok(event) => out.push(event),
+                    Err(err) => {
+                        Counters::inc(&counters.events_malformed);
+                        tracing::debug!(%err, "dropped a malformed ring-buffer record");
+                    }
+                }
+            }
+            if n < max {
+                guard.clear_ready();
+            }
+            if n > 0 {
+                return Ok(());
+            }
+        }
+    }
+}

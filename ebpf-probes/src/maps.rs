@@ -1,0 +1,83 @@
+//! Maps and globals shared by the programs, plus the filter every program applies first.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid},
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use tapwire_common::{COUNTER_SLOTS, Counter, EventHeader, MAX_PAYLOAD, RING_BYTES, SockInfo};
+
+/// tgid of the agent: never captured, even if it sits in a selected cgroup. Set at load time.
+#[unsafe(no_mangle)]
+pub static AGENT_TGID: u32 = 0;
+/// Payload bytes copied per syscall, at most MAX_PAYLOAD. Set at load time.
+#[unsafe(no_mangle)]
+pub static PAYLOAD_CAP: u32 = tapwire_common::DEFAULT_PAYLOAD_CAP;
+
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+
+/// cgroup id -> 1 for every selected cgroup (user space keeps it in sync with the selection).
+#[map(name = "SELECTED_CGROUPS")]
+pub static SELECTED_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(16384, 0);
+
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// A syscall in progress on one thread, keyed by pid_tgid.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Inflight {
+    /// tapwire_common::Syscall number.
+    pub syscall: u32,
+    pub direction: u32,
+    pub fd: i64,
+    /// User pointer: the buffer (read/write/recvfrom/sendto), the iovec array (readv/writev) or
+    /// the msghdr (recvmsg/sendmsg).
+    pub arg: u64,
+    /// Set by sock:sock_{send,recv}_length when the fd turned out to be a TCP socket.
+    pub sock: u64,
+}
+
+#[map(name = "INFLIGHT")]
+pub static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(16384, 0);
+
+/// Endpoints and role of TCP sockets, by `struct sock` address.
+#[map(name = "SOCKS")]
+pub static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0);
+
+/// (tgid << 32 | fd) -> `struct sock` address, learnt on data syscalls, used by close().
+#[map(name = "FD_SOCKS")]
+pub static FD_SOCKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Per-CPU scratch space where an event is assembled before it is copied to the ring buffer
+/// with its exact length (a ring-buffer reservation would have to be of constant size).
+#[repr(C)]
+pub struct Scratch {
+    pub header: EventHeader,
+    pub payload: [u8; MAX_PAYLOAD],
+}
+
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// True when the current thread belongs to a selected cgroup and is not the agent.
+#[inline(always)]
+pub fn selected() -> bool {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: read of a load-time constant; volatile so the compiler keeps the load.
+    if tgid == unsafe { core::ptr::read_volatile(&AGENT_TGID) } {
+        return false;
+    }
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the value is not kept beyond this check.
+    unsafe { SELECTED_CGROUPS.get(&cgroup).is_some() }
+}

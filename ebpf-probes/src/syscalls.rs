@@ -67,6 +67,7 @@ fn user_buffer(inflight: &Inflight, ret: u64) -> Option<(u64, u64)> {
             let v = first_iovec(iov)?;
             Some((v.base, v.len))
         }
+        s if s == Syscall::Sendfile as u32 => Some((0, 0)),
         _ => Some((inflight.arg, ret)),
     }
 }
@@ -97,7 +98,7 @@ fn exit(ctx: &TracePointContext) -> u32 {
     let scratch: &mut Scratch = unsafe { &mut *scratch };
     let ret = ret as u64;
     let mut captured: u64 = 0;
-    if let Some((ptr, avail)) = user_buffer(&inflight, ret) {
+    if let Some((ptr, avail)) = user_buffer(&inflight, ret).filter(|&(_, avail)| avail > 0) {
         // SAFETY: read of a load-time constant.
         let cap = u64::from(unsafe { core::ptr::read_volatile(&PAYLOAD_CAP) });
         let mut n = if ret < avail { ret } else { avail };
@@ -120,7 +121,7 @@ fn exit(ctx: &TracePointContext) -> u32 {
         } else {
             count(Counter::PayloadReadFailed);
         }
-    } else {
+    } else if inflight.syscall != Syscall::Sendfile as u32 {
         count(Counter::PayloadReadFailed);
     }
     fill_header(&mut scratch.header, EventKind::Data, inflight.direction, pid_tgid, inflight.sock, ts);
@@ -197,6 +198,7 @@ data_syscall!(sys_enter_recvfrom, sys_exit_recvfrom, Syscall::Recvfrom, DIR_INGR
 data_syscall!(sys_enter_sendto, sys_exit_sendto, Syscall::Sendto, DIR_EGRESS);
 data_syscall!(sys_enter_recvmsg, sys_exit_recvmsg, Syscall::Recvmsg, DIR_INGRESS);
 data_syscall!(sys_enter_sendmsg, sys_exit_sendmsg, Syscall::Sendmsg, DIR_EGRESS);
+data_syscall!(sys_enter_sendfile64, sys_exit_sendfile64, Syscall::Sendfile, DIR_EGRESS);
 
 /// syscalls:sys_enter_close: a selected process closes a socket it used; tell user space so
 /// the connection's state is finished (the `struct sock` address may be reused afterwards).

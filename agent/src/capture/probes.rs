@@ -31,6 +31,8 @@ pub const HOOKS: &[(&str, &str, &str, &str)] = &[
     ("sys_exit_recvmsg", "syscalls", "sys_exit_recvmsg", "recvmsg"),
     ("sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg", "sendmsg"),
     ("sys_exit_sendmsg", "syscalls", "sys_exit_sendmsg", "sendmsg"),
+    ("sys_enter_sendfile64", "syscalls", "sys_enter_sendfile64", "sendfile (static files: bytes counted)"),
+    ("sys_exit_sendfile64", "syscalls", "sys_exit_sendfile64", "sendfile (static files: bytes counted)"),
     ("sys_enter_close", "syscalls", "sys_enter_close", "end of connections"),
     ("sock_send_length", "sock", "sock_send_length", "which TCP socket a send uses"),
     ("sock_recv_length", "sock", "sock_recv_length", "which TCP socket a receive uses"),

@@ -71,6 +71,8 @@ pub enum Syscall {
     Recvmsg = 7,
     Sendmsg = 8,
     Close = 9,
+    /// sendfile(2): bytes counted, no payload (the data never passes through user memory).
+    Sendfile = 10,
 }
 
 impl Syscall {
@@ -85,6 +87,7 @@ impl Syscall {
             7 => Some(Self::Recvmsg),
             8 => Some(Self::Sendmsg),
             9 => Some(Self::Close),
+            10 => Some(Self::Sendfile),
             _ => None,
         }
     }

@@ -1,5 +1,206 @@
-//! Command line and top-level wiring.
+//! Command line and top-level wiring: capture -> correlate -> export.
 
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    capture::{self, CaptureConfig, Probes, check, event::Event, ring::RingReader, tracefs},
+    clock::{Clock, monotonic_ns},
+    correlate::{CorrelateConfig, Correlator},
+    discover::{cgroup, resource::ProcResources},
+    export,
+    telemetry::Counters,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "tapwire", version, about = "Zero-code instrumentation: spans and metrics for the services in the cgroups you select, from eBPF tracepoints, exported as OTLP.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Check that this node can run tapwire: kernel, privileges, tracefs, cgroup v2 and every hook.
+    Check,
+    /// Watch the selected services and export their spans.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// cgroup v2 directory to watch, with its descendants: absolute, or relative to the cgroup2
+    /// mount. Repeat for several services.
+    #[arg(long = "cgroup", value_name = "PATH", required = true)]
+    pub cgroups: Vec<String>,
+    /// Payload bytes captured per syscall (enough for HTTP heads; at most 4096).
+    #[arg(long, env = "TAPWIRE_PAYLOAD_BYTES", default_value_t = tapwire_common::DEFAULT_PAYLOAD_CAP,
+          value_parser = clap::value_parser!(u32).range(64..=tapwire_common::MAX_PAYLOAD as i64))]
+    pub payload_bytes: u32,
+    /// Where spans go: `auto` = OTLP when an OTEL_EXPORTER_OTLP_*ENDPOINT is set, else console.
+    #[arg(long, env = "TAPWIRE_EXPORTER", value_enum, default_value_t = ExporterChoice::Auto)]
+    pub exporter: ExporterChoice,
+}
+
+pub use crate::export::ExporterChoice;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TAPWIRE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match cli.command {
+        Command::Check => {
+            let (lines, ok) = check::run();
+            print!("{}", check::render(&lines, ok));
+            if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Command::Run(args) => {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("tapwire: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tapwire: {}", check::error_chain(e.as_ref()));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// The cgroups the user selected, resolved to directories, rescanned for descendants.
+struct Selection {
+    roots: Vec<PathBuf>,
+}
+
+impl Selection {
+    fn scan(&self) -> HashMap<u64, PathBuf> {
+        let mut ids = HashMap::new();
+        for root in &self.roots {
+            cgroup::scan(root, &mut ids);
+        }
+        ids
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if let tracefs::TracefsState::Unavailable { reason } = tracefs::ensure() {
+        anyhow::bail!("{reason}");
+    }
+    let mount = cgroup::cgroup2_mount().ok_or(cgroup::CgroupError::NoCgroup2)?;
+    let roots = args.cgroups.iter().map(|c| cgroup::resolve(c, &mount)).collect::<Result<Vec<_>, _>>()?;
+    let selection = Selection { roots };
+
+    let counters = Arc::new(Counters::default());
+    let export_config = export::resolve_config(args.exporter)?;
+    let exporter = export::spawn(export_config, counters.clone()).context("while starting the span exporter")?;
+
+    let mut probes = Probes::load(&CaptureConfig { payload_cap: args.payload_bytes })?;
+    probes.attach_all()?;
+    let mut ids = selection.scan();
+    probes.set_selection(&ids.keys().copied().collect())?;
+    let mut resources = ProcResources::new();
+    resources.set_cgroups(ids.clone());
+    let mut reader = RingReader::new(probes.take_ring()?).context("while setting up the ring-buffer reader")?;
+    let mut correlator = Correlator::new(CorrelateConfig::default(), Clock::measure(), counters.clone());
+
+    tracing::info!(
+        cgroups = ids.len(),
+        roots = ?selection.roots,
+        hooks = capture::HOOKS.len(),
+        "capture ready"
+    );
+
+    let mut sigterm = signal(SignalKind::terminate()).context("while installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("while installing the SIGINT handler")?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut events: Vec<Event> = Vec::with_capacity(1024);
+    let mut spans = Vec::new();
+    let mut last_prune = Instant::now();
+    let mut reported_lost = 0u64;
+
+    loop {
+        tokio::select! {
+            r = reader.read_batch(&mut events, &counters, 1024) => {
+                r.context("while reading the ring buffer")?;
+                for event in events.drain(..) {
+                    correlator.on_event(event, &mut resources, &mut spans);
+                }
+                for span in spans.drain(..) {
+                    exporter.send(span);
+                }
+            }
+            _ = tick.tick() => {
+                let now = selection.scan();
+                if now.len() != ids.len() || now.keys().any(|k| !ids.contains_key(k)) {
+                    let set: HashSet<u64> = now.keys().copied().collect();
+                    let (added, removed) = probes.set_selection(&set)?;
+                    tracing::info!(added, removed, watched = set.len(), "cgroup selection changed");
+                    ids = now;
+                    resources.set_cgroups(ids.clone());
+                }
+                correlator.expire(monotonic_ns(), &mut resources, &mut spans);
+                for span in spans.drain(..) {
+                    exporter.send(span);
+                }
+                if let Ok(k) = probes.kernel_counters() {
+                    let lost = k[tapwire_common::Counter::RingbufFull as usize];
+                    counters.events_lost.store(lost, std::sync::atomic::Ordering::Relaxed);
+                    if lost > reported_lost {
+                        tracing::warn!(lost_since_last_report = lost - reported_lost, total = lost, "the ring buffer was full: events were lost");
+                        reported_lost = lost;
+                    }
+                }
+                if last_prune.elapsed() > Duration::from_secs(10) {
+                    resources.prune();
+                    last_prune = Instant::now();
+                }
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    tracing::info!("stopping: detaching probes and flushing spans");
+    // Take what the kernel already queued, then detach everything before flushing.
+    while let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(50), reader.read_batch(&mut events, &counters, 4096)).await {
+        for event in events.drain(..) {
+            correlator.on_event(event, &mut resources, &mut spans);
+        }
+    }
+    drop(reader);
+    drop(probes);
+    for span in spans.drain(..) {
+        exporter.send(span);
+    }
+    exporter.shutdown(Duration::from_secs(10)).await;
+    let c = &counters;
+    tracing::info!(
+        events_read = Counters::get(&c.events_read),
+        events_lost = Counters::get(&c.events_lost),
+        spans_created = Counters::get(&c.spans_created),
+        spans_exported = Counters::get(&c.spans_exported),
+        spans_failed = Counters::get(&c.spans_failed),
+        spans_dropped = Counters::get(&c.spans_dropped),
+        "stopped"
+    );
+    Ok(())
 }

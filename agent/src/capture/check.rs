@@ -39,8 +39,8 @@ pub fn run() -> (Vec<Line>, bool) {
     }
 
     match cgroup::cgroup2_mount() {
-        Some(m) => push(true, true, "cgroup v2", format!("mounted at {}", m.display())),
-        None => push(false, true, "cgroup v2", "no cgroup2 filesystem in /proc/self/mounts: tapwire selects services by cgroup v2; mount it (e.g. at /sys/fs/cgroup/unified)".into()),
+        Some(m) => push(true, true, "cgroup2", format!("cgroup v2 mounted at {}", m.display())),
+        None => push(false, true, "cgroup2", "no cgroup2 filesystem in /proc/self/mounts: tapwire selects services by cgroup v2; mount it (e.g. at /sys/fs/cgroup/unified)".into()),
     }
 
     match Probes::load(&CaptureConfig::default()) {

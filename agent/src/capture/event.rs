@@ -157,3 +157,92 @@ pub fn encode(header: &EventHeader, payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(payload);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tapwire_common::{DIR_INGRESS, ROLE_UNKNOWN};
+
+    fn header(kind: u32, total: u32, captured: u32) -> EventHeader {
+        let mut info = SockInfo::EMPTY;
+        info.family = libc::AF_INET as u16;
+        info.role = ROLE_SERVER;
+        info.sport = 8000;
+        info.dport = 41234;
+        info.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        info.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        EventHeader {
+            kind,
+            direction: DIR_INGRESS,
+            pid: 42,
+            tid: 43,
+            cgroup_id: 7,
+            sock: 0xffff_8881_0000_1000,
+            ts_ns: 123_456_789,
+            total_len: total,
+            captured_len: captured,
+            fd: 5,
+            syscall: Syscall::Recvfrom as u32,
+            sock_info: info,
+        }
+    }
+
+    #[test]
+    fn data_event_round_trips() {
+        let payload = b"GET / HTTP/1.1\r\n";
+        let rec = encode(&header(EventKind::Data as u32, 100, payload.len() as u32), payload);
+        let Event::Data(d) = Event::decode(&rec).unwrap() else { panic!("not a data event") };
+        assert_eq!(d.origin, Origin { pid: 42, tid: 43, cgroup_id: 7, sock: 0xffff_8881_0000_1000, fd: 5, ts_ns: 123_456_789 });
+        assert_eq!(d.direction, Direction::Ingress);
+        assert_eq!(d.syscall, Syscall::Recvfrom);
+        assert_eq!(d.total_len, 100);
+        assert_eq!(d.payload, payload);
+        assert_eq!(d.role, Role::Server);
+        let ep = d.endpoints.unwrap();
+        assert_eq!(ep.local, "127.0.0.1:8000".parse().unwrap());
+        assert_eq!(ep.peer, "127.0.0.2:41234".parse().unwrap());
+    }
+
+    #[test]
+    fn close_event_decodes() {
+        let rec = encode(&header(EventKind::Close as u32, 0, 0), &[]);
+        assert!(matches!(Event::decode(&rec).unwrap(), Event::Close(o) if o.fd == 5 && o.pid == 42));
+    }
+
+    #[test]
+    fn bad_records_are_errors_not_panics() {
+        assert_eq!(Event::decode(&[0u8; 10]), Err(DecodeError::Short(10)));
+        let rec = encode(&header(99, 0, 0), &[]);
+        assert_eq!(Event::decode(&rec), Err(DecodeError::UnknownKind(99)));
+        // Claims more payload than the record carries.
+        let rec = encode(&header(EventKind::Data as u32, 100, 50), b"short");
+        assert!(matches!(Event::decode(&rec), Err(DecodeError::BadLength { captured: 50, available: 5, total: 100 })));
+        // Captured more than the syscall moved.
+        let rec = encode(&header(EventKind::Data as u32, 2, 5), b"hello");
+        assert!(matches!(Event::decode(&rec), Err(DecodeError::BadLength { .. })));
+        let mut h = header(EventKind::Data as u32, 1, 0);
+        h.syscall = 77;
+        assert_eq!(Event::decode(&encode(&h, &[])), Err(DecodeError::UnknownSyscall(77)));
+        // Every truncation of a valid record fails cleanly.
+        let rec = encode(&header(EventKind::Data as u32, 4, 4), b"abcd");
+        for n in 0..rec.len() {
+            let _ = Event::decode(&rec[..n]);
+        }
+    }
+
+    #[test]
+    fn endpoints_for_ipv6_and_mapped_ipv4() {
+        let mut info = SockInfo::EMPTY;
+        info.family = libc::AF_INET6 as u16;
+        info.sport = 443;
+        info.dport = 5000;
+        info.saddr = std::net::Ipv6Addr::LOCALHOST.octets();
+        info.daddr = std::net::Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped().octets();
+        let ep = endpoints(&info).unwrap();
+        assert_eq!(ep.local, "[::1]:443".parse().unwrap());
+        assert_eq!(ep.peer, "10.0.0.1:5000".parse().unwrap());
+        info.family = 0;
+        info.role = ROLE_UNKNOWN;
+        assert_eq!(endpoints(&info), None);
+    }
+}

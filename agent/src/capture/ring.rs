@@ -12,7 +12,10 @@ pub struct RingReader {
 
 impl RingReader {
     pub fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
-        Ok(RingReader { fd: AsyncFd::with_interest(ring, Interest::READABLE)? })
+        // SAFETY: the RingBuf owns its map fd for as long as it lives, and it lives inside the
+        // AsyncFd, so the fd stays open and the same for the AsyncFd's whole lifetime.
+        let fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(std::io::Error::from)?;
+        Ok(RingReader { fd })
     }
 
     /// Waits until the kernel has written records, then decodes up to `max` of them into `out`.

@@ -1,0 +1,256 @@
+//! From kernel events to spans: per-connection HTTP/1 reassembly, request/response pairing,
+//! trace context, span building.
+//!
+//! Connections are keyed by (pid, `struct sock` address). A connection accepted from a listener
+//! yields SERVER spans (requests are what the process reads), one it opened yields CLIENT spans
+//! (requests are what it writes). A connection older than the agent is followed from the first
+//! read or write that starts with an HTTP request; anything that does not look like HTTP/1 is
+//! ignored until it closes. Memory is bounded: the connection table (LRU eviction), the queue of
+//! unanswered requests per connection, and the head buffers all have caps, and every loss is
+//! counted.
+
+mod conn;
+mod exchange;
+mod ratelimit;
+pub mod route;
+mod span;
+mod table;
+mod trace;
+
+use std::{sync::Arc, time::Duration};
+
+use rand::{SeedableRng, rngs::SmallRng};
+
+use self::{
+    conn::Conn,
+    exchange::Exchange,
+    ratelimit::RateLimit,
+    span::{ConnView, Outcome},
+    table::LruTable,
+};
+pub use self::span::REDACTED;
+use crate::{
+    capture::event::{DataEvent, Event},
+    clock::Clock,
+    discover::ResourceLookup,
+    model::Span,
+    protocols::http1::{ParseError, StreamConfig},
+    telemetry::Counters,
+};
+
+/// Limits of the correlator.
+#[derive(Clone, Debug)]
+pub struct CorrelateConfig {
+    /// Connections tracked at once; past this the least recently used one is forgotten
+    /// (counted in `connections_evicted`).
+    pub max_connections: usize,
+    /// A connection without any event for this long is forgotten; its unanswered requests end
+    /// as spans with `error.type = "timeout"`.
+    pub idle_timeout: Duration,
+    /// Largest incomplete HTTP/1 head buffered per direction; longer is a parse failure.
+    pub max_head_bytes: usize,
+    /// Unanswered requests kept per connection (pipelining depth); more are counted and dropped.
+    pub max_pending_requests: usize,
+    /// Reads/writes examined on a connection of unknown role (opened before the agent started)
+    /// before it is ignored for not starting an HTTP request.
+    pub max_unknown_chunks: u32,
+    /// Consecutive parse failures after which a connection is ignored.
+    pub max_parse_failures: u32,
+}
+
+impl Default for CorrelateConfig {
+    fn default() -> Self {
+        CorrelateConfig {
+            max_connections: 65536,
+            idle_timeout: Duration::from_secs(120),
+            max_head_bytes: 16 * 1024,
+            max_pending_requests: 64,
+            max_unknown_chunks: 256,
+            max_parse_failures: 8,
+        }
+    }
+}
+
+/// Losses and oddities the agent-wide [`Counters`] do not (yet) have a field for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CorrelateStats {
+    /// Requests whose `traceparent` was invalid (ignored: the span started a new trace).
+    pub invalid_traceparent: u64,
+    /// Requests that did not become spans: the per-connection queue was full, or the
+    /// connection stopped being followed with requests pending.
+    pub requests_dropped: u64,
+    /// Final responses that had no request to answer.
+    pub orphan_responses: u64,
+    /// Connections found not to speak HTTP/1, or given up on.
+    pub connections_ignored: u64,
+}
+
+/// Which side of HTTP the watched process is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    Server,
+    Client,
+}
+
+/// Connection identity: (pid, kernel `struct sock` address).
+type ConnKey = (u32, u64);
+
+/// Turns kernel events into spans. Single-threaded: owned by the event loop.
+pub struct Correlator {
+    table: LruTable<ConnKey, Conn>,
+    ctx: Ctx,
+}
+
+/// What every connection shares: limits, clock, counters, randomness, log limits.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    config: CorrelateConfig,
+    stream: StreamConfig,
+    clock: Clock,
+    counters: Arc<Counters>,
+    stats: CorrelateStats,
+    rng: SmallRng,
+    /// Reused event buffer.
+    scratch: Vec<crate::protocols::http1::Http1Event>,
+    log_parse: RateLimit,
+    log_drop: RateLimit,
+    log_evict: RateLimit,
+    log_traceparent: RateLimit,
+}
+
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl Ctx {
+    fn parse_failure(&mut self, error: Option<&ParseError>) {
+        Counters::inc(&self.counters.parse_failures_http1);
+        if let Some(suppressed) = self.log_parse.check() {
+            match error {
+                Some(e) => tracing::warn!(error = %e, suppressed, "an HTTP/1 message could not be parsed"),
+                None => tracing::warn!(suppressed, "an HTTP/1 message head was not captured"),
+            }
+        }
+    }
+
+    fn gave_up(&mut self) {
+        if let Some(suppressed) = self.log_parse.check() {
+            tracing::warn!(suppressed, "too many HTTP/1 parse failures on a connection: no longer following it");
+        }
+    }
+
+    fn request_dropped(&mut self, queued: usize) {
+        self.stats.requests_dropped += 1;
+        if let Some(suppressed) = self.log_drop.check() {
+            tracing::warn!(queued, suppressed, "too many unanswered requests on a connection: request dropped");
+        }
+    }
+
+    /// Builds the span of a finished exchange and hands it over.
+    fn emit(&mut self, conn: &ConnView<'_>, ex: Exchange, end_ts: u64, outcome: Outcome, out: &mut Vec<Span>) {
+        let headers = &ex.request.headers;
+        let (ids, invalid) = trace::span_ids(headers.traceparent.as_deref(), headers.tracestate.as_deref(), &mut self.rng);
+        if invalid {
+            self.stats.invalid_traceparent += 1;
+            if let Some(suppressed) = self.log_traceparent.check() {
+                tracing::debug!(suppressed, "ignored an invalid traceparent header");
+            }
+        }
+        out.push(span::build(conn, &ex, end_ts, outcome, ids, &self.clock));
+        Counters::inc(&self.counters.spans_created);
+    }
+}
+
+impl Correlator {
+    pub fn new(config: CorrelateConfig, clock: Clock, counters: Arc<Counters>) -> Self {
+        let stream = StreamConfig { max_head_bytes: config.max_head_bytes, max_failures: config.max_parse_failures };
+        Correlator {
+            table: LruTable::new(),
+            ctx: Ctx {
+                config,
+                stream,
+                clock,
+                counters,
+                stats: CorrelateStats::default(),
+                rng: SmallRng::from_os_rng(),
+                scratch: Vec::new(),
+                log_parse: RateLimit::new(LOG_EVERY),
+                log_drop: RateLimit::new(LOG_EVERY),
+                log_evict: RateLimit::new(LOG_EVERY),
+                log_traceparent: RateLimit::new(LOG_EVERY),
+            },
+        }
+    }
+
+    /// Feeds one kernel event; finished spans are pushed to `out`.
+    pub fn on_event(&mut self, event: Event, resources: &mut dyn ResourceLookup, out: &mut Vec<Span>) {
+        match event {
+            Event::Data(d) => self.on_data(&d, resources, out),
+            Event::Close(origin) => {
+                if let Some(conn) = self.table.remove(&(origin.pid, origin.sock)) {
+                    conn.finish(Outcome::Closed, &mut self.ctx, out);
+                }
+            }
+        }
+    }
+
+    /// Expires idle connections (now = CLOCK_MONOTONIC ns), ending their in-flight exchanges
+    /// as spans with `error.type = "timeout"`.
+    ///
+    /// Walks the table from the least recently used entry and stops at the first one that is
+    /// not idle, so the cost is proportional to what expires.
+    pub fn expire(&mut self, now_mono_ns: u64, _resources: &mut dyn ResourceLookup, out: &mut Vec<Span>) {
+        let idle_ns = u64::try_from(self.ctx.config.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+        while let Some((key, conn)) = self.table.oldest() {
+            if now_mono_ns.saturating_sub(conn.last_seen_ns) < idle_ns {
+                break;
+            }
+            let key = *key;
+            if let Some(conn) = self.table.remove(&key) {
+                conn.finish(Outcome::Timeout, &mut self.ctx, out);
+            }
+        }
+    }
+
+    /// Connections currently tracked.
+    pub fn connections(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Losses not covered by [`Counters`].
+    pub fn stats(&self) -> CorrelateStats {
+        self.ctx.stats
+    }
+
+    fn on_data(&mut self, d: &DataEvent, resources: &mut dyn ResourceLookup, out: &mut Vec<Span>) {
+        let key = (d.origin.pid, d.origin.sock);
+        if self.table.get(&key).is_some_and(|c| !c.is_same(d.role, d.endpoints))
+            && let Some(old) = self.table.remove(&key)
+        {
+            // The close was missed and the kernel reused the socket for a new connection.
+            old.finish(Outcome::Closed, &mut self.ctx, out);
+        }
+        if self.table.get(&key).is_none() {
+            while self.table.len() >= self.ctx.config.max_connections.max(1) {
+                if self.table.pop_oldest().is_none() {
+                    break;
+                }
+                Counters::inc(&self.ctx.counters.connections_evicted);
+                if let Some(suppressed) = self.ctx.log_evict.check() {
+                    tracing::warn!(
+                        max_connections = self.ctx.config.max_connections,
+                        suppressed,
+                        "connection table full: forgot the least recently used connection"
+                    );
+                }
+            }
+            let resource = resources.resource_for(d.origin.pid, d.origin.cgroup_id);
+            let conn = Conn::new(d.role, d.endpoints, resource, d.origin.ts_ns, &self.ctx);
+            self.table.insert(key, conn);
+        }
+        if let Some(conn) = self.table.touch(&key) {
+            conn.on_data(d, &mut self.ctx, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

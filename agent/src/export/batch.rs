@@ -1,0 +1,203 @@
+//! The exporter task: gathers queued spans into batches (as the OpenTelemetry
+//! BatchSpanProcessor does), hands them to the backend, and counts the outcome.
+
+use std::sync::Arc;
+
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::{Duration, Instant, sleep_until, timeout_at},
+};
+
+use super::{Delivery, config::BatchConfig, console::ConsoleExporter, otlp::OtlpExporter, otlp::retry::Failure, ratelimit::LogLimiter};
+use crate::{model::Span, telemetry::Counters};
+
+/// Where batches go.
+#[expect(clippy::large_enum_variant, reason = "one instance per agent, never moved after start")]
+pub enum Backend {
+    /// Lines on stdout.
+    Console(ConsoleExporter),
+    /// An OTLP collector.
+    Otlp(OtlpExporter),
+}
+
+impl Backend {
+    async fn export(&mut self, spans: &[Span], deadline: Instant) -> (Result<Delivery, Failure>, u32) {
+        match self {
+            Backend::Console(console) => (console.export(spans).await, 1),
+            Backend::Otlp(otlp) => otlp.export(spans, deadline).await,
+        }
+    }
+}
+
+/// The shutdown request: the deadline, once it has arrived.
+struct Stop {
+    rx: Option<oneshot::Receiver<Instant>>,
+    at: Option<Instant>,
+}
+
+impl Stop {
+    fn pending(&self) -> bool {
+        self.rx.is_some()
+    }
+
+    /// Resolves when shutdown is requested (or the handle is gone); then never again.
+    async fn requested(&mut self) {
+        let Some(rx) = self.rx.as_mut() else {
+            return std::future::pending().await;
+        };
+        // A dropped handle (no deadline) means: flush what is queued, bounded by the export timeout.
+        self.at = rx.await.ok();
+        self.rx = None;
+    }
+
+    fn expired(&self) -> bool {
+        self.at.is_some_and(|at| Instant::now() >= at)
+    }
+}
+
+/// State of the exporter task.
+pub struct Worker {
+    /// Where batches go.
+    pub backend: Backend,
+    /// Batch size, delay and export timeout (already clamped to sane values).
+    pub batch: BatchConfig,
+    /// Where exported / failed spans are counted.
+    pub counters: Arc<Counters>,
+    /// Shared with the handle; limits the warnings.
+    pub limiter: Arc<LogLimiter>,
+}
+
+impl Worker {
+    /// Runs until shutdown is requested or every sender is gone, then flushes what is queued
+    /// (until the shutdown deadline, if there is one).
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Span>, stop: oneshot::Receiver<Instant>) {
+        let max_batch = self.batch.max_export_batch_size.max(1);
+        let mut stop = Stop { rx: Some(stop), at: None };
+        let mut batch: Vec<Span> = Vec::with_capacity(max_batch);
+        let mut flush_at: Option<Instant> = None;
+        loop {
+            let timer = flush_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                () = stop.requested(), if stop.pending() => break,
+                span = rx.recv() => match span {
+                    Some(span) => {
+                        if batch.is_empty() {
+                            flush_at = Some(Instant::now() + self.batch.scheduled_delay);
+                        }
+                        batch.push(span);
+                        if batch.len() >= max_batch {
+                            flush_at = None;
+                            self.export(&batch, &mut stop).await;
+                            batch.clear();
+                        }
+                    }
+                    None => break,
+                },
+                () = sleep_until(timer), if flush_at.is_some() => {
+                    flush_at = None;
+                    self.export(&batch, &mut stop).await;
+                    batch.clear();
+                }
+            }
+            if !stop.pending() {
+                break;
+            }
+        }
+
+        // Shutdown: no new spans; export everything already queued.
+        rx.close();
+        loop {
+            while batch.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(span) => batch.push(span),
+                    Err(_) => break,
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            if stop.expired() {
+                let mut left = batch.len() as u64;
+                while rx.try_recv().is_ok() {
+                    left += 1;
+                }
+                Counters::add(&self.counters.spans_failed, left);
+                tracing::warn!(spans = left, "shutdown deadline reached: spans left unexported");
+                break;
+            }
+            self.export(&batch, &mut stop).await;
+            batch.clear();
+        }
+    }
+
+    /// Exports one batch within the export timeout (and the shutdown deadline, also when it
+    /// arrives meanwhile), then counts and logs the outcome.
+    async fn export(&mut self, spans: &[Span], stop: &mut Stop) {
+        if spans.is_empty() {
+            return;
+        }
+        let mut limit = Instant::now() + self.batch.export_timeout;
+        if let Some(at) = stop.at {
+            limit = limit.min(at);
+        }
+        let outcome = {
+            let export = self.backend.export(spans, limit);
+            tokio::pin!(export);
+            loop {
+                tokio::select! {
+                    r = timeout_at(limit, &mut export) => break r,
+                    () = stop.requested(), if stop.pending() => {
+                        if let Some(at) = stop.at {
+                            limit = limit.min(at);
+                        }
+                    }
+                }
+            }
+        };
+        let outcome = outcome.map_err(|_| {
+            if stop.at.is_some_and(|at| at <= limit) {
+                Failure::transient("shutdown_deadline", "cut short by the shutdown deadline")
+            } else {
+                Failure::transient("export_timeout", format!("export took longer than {:?}", self.batch.export_timeout))
+            }
+        });
+        self.account(spans.len(), outcome);
+    }
+
+    fn account(&self, sent: usize, outcome: Result<(Result<Delivery, Failure>, u32), Failure>) {
+        let c = &self.counters;
+        let (failure, attempts) = match outcome {
+            Ok((Ok(delivery), _)) => {
+                Counters::add(&c.spans_exported, delivery.accepted as u64);
+                Counters::add(&c.spans_failed, delivery.rejected as u64);
+                if let Some(message) = delivery.message
+                    && let Some(held_back) = self.limiter.check("partial_success")
+                {
+                    tracing::warn!(
+                        rejected = delivery.rejected,
+                        failed_total = Counters::get(&c.spans_failed),
+                        held_back,
+                        message,
+                        "the collector rejected part of a batch"
+                    );
+                }
+                return;
+            }
+            Ok((Err(failure), attempts)) => (failure, attempts),
+            Err(failure) => (failure, 0),
+        };
+        Counters::add(&c.spans_failed, sent as u64);
+        if let Some(held_back) = self.limiter.check(&failure.kind) {
+            tracing::warn!(
+                kind = failure.kind,
+                attempts,
+                spans = sent,
+                failed_total = Counters::get(&c.spans_failed),
+                held_back,
+                error = failure.message,
+                "span export failed"
+            );
+        }
+    }
+}

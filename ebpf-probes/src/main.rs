@@ -13,6 +13,7 @@
 mod maps;
 mod sock;
 mod syscalls;
+mod tcp;
 
 #[cfg(not(test))]
 #[panic_handler]

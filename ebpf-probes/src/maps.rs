@@ -81,3 +81,17 @@ pub fn selected() -> bool {
     // SAFETY: the value is not kept beyond this check.
     unsafe { SELECTED_CGROUPS.get(&cgroup).is_some() }
 }
+
+/// The process that last moved data on a socket, for events raised in kernel context.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Owner {
+    pub pid: u32,
+    pub _pad: u32,
+    pub cgroup_id: u64,
+}
+
+/// `struct sock` address -> owner, for the sockets of selected processes only: retransmits and
+/// resets happen in softirq context, where the current task says nothing about the socket.
+#[map(name = "OWNERS")]
+pub static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(65536, 0);

@@ -13,7 +13,8 @@ use tapwire_common::{
 };
 
 use crate::maps::{
-    EVENTS, FD_SOCKS, INFLIGHT, Inflight, PAYLOAD_CAP, SCRATCH, SOCKS, Scratch, count, selected,
+    EVENTS, FD_SOCKS, INFLIGHT, Inflight, OWNERS, Owner, PAYLOAD_CAP, SCRATCH, SOCKS, Scratch, count,
+    selected,
 };
 
 /// Offsets in the syscalls:* tracepoint records (see .../events/syscalls/*/format).
@@ -92,6 +93,14 @@ fn exit(ctx: &TracePointContext) -> u32 {
     let ts = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     let tgid = (pid_tgid >> 32) as u32;
     let _ = FD_SOCKS.insert(&((u64::from(tgid) << 32) | (inflight.fd as u64 & 0xffff_ffff)), &inflight.sock, 0);
+    // Entries are not removed at close: the RST of a close with unread data comes after it.
+    // They age out of the LRU map, and a reused `struct sock` address is overwritten here.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the value is compared immediately.
+    let known = unsafe { OWNERS.get(&inflight.sock) }.is_some_and(|o| o.pid == tgid && o.cgroup_id == cgroup_id);
+    if !known {
+        let _ = OWNERS.insert(&inflight.sock, &Owner { pid: tgid, _pad: 0, cgroup_id }, 0);
+    }
 
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return 0 };
     // SAFETY: per-CPU scratch owned by this program invocation.
@@ -133,7 +142,7 @@ fn exit(ctx: &TracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn fill_header(
+pub(crate) fn fill_header(
     h: &mut tapwire_common::EventHeader,
     kind: EventKind,
     direction: u32,
@@ -161,7 +170,7 @@ fn fill_header(
 
 /// Copies header + `payload_len` payload bytes from the scratch space into the ring buffer.
 #[inline(always)]
-fn output(scratch: &Scratch, payload_len: usize) -> u32 {
+pub(crate) fn output(scratch: &Scratch, payload_len: usize) -> u32 {
     let mut len = HEADER_LEN + payload_len;
     if len > HEADER_LEN + MAX_PAYLOAD {
         len = HEADER_LEN + MAX_PAYLOAD;

@@ -55,10 +55,20 @@ pub struct DataEvent {
     pub endpoints: Option<Endpoints>,
 }
 
+/// TCP-level trouble on a connection of a watched process (kernel context: `origin.tid` is 0,
+/// `origin.pid` and `origin.cgroup_id` are those of the process that last used the socket).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpEventKind {
+    Retransmit,
+    ResetSent,
+    ResetReceived,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     Data(DataEvent),
     Close(Origin),
+    Tcp { origin: Origin, kind: TcpEventKind, endpoints: Option<Endpoints> },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -92,6 +102,15 @@ impl Event {
         };
         match EventKind::from_u32(h.kind) {
             Some(EventKind::Close) => Ok(Event::Close(origin)),
+            Some(k @ (EventKind::TcpRetransmit | EventKind::TcpResetSent | EventKind::TcpResetReceived)) => Ok(Event::Tcp {
+                origin,
+                kind: match k {
+                    EventKind::TcpRetransmit => TcpEventKind::Retransmit,
+                    EventKind::TcpResetSent => TcpEventKind::ResetSent,
+                    _ => TcpEventKind::ResetReceived,
+                },
+                endpoints: endpoints(&h.sock_info),
+            }),
             Some(EventKind::Data) => {
                 let syscall = Syscall::from_u32(h.syscall).ok_or(DecodeError::UnknownSyscall(h.syscall))?;
                 let available = record.len() - HEADER_LEN;
@@ -125,6 +144,7 @@ impl Event {
         match self {
             Event::Data(d) => &d.origin,
             Event::Close(o) => o,
+            Event::Tcp { origin, .. } => origin,
         }
     }
 }

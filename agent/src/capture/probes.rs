@@ -37,6 +37,9 @@ pub const HOOKS: &[(&str, &str, &str, &str)] = &[
     ("sock_send_length", "sock", "sock_send_length", "which TCP socket a send uses"),
     ("sock_recv_length", "sock", "sock_recv_length", "which TCP socket a receive uses"),
     ("inet_sock_set_state", "sock", "inet_sock_set_state", "connection endpoints and client/server role"),
+    ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb", "retransmits per service"),
+    ("tcp_send_reset", "tcp", "tcp_send_reset", "resets sent per service"),
+    ("tcp_receive_reset", "tcp", "tcp_receive_reset", "resets received per service"),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -189,6 +189,8 @@ impl Correlator {
                     conn.finish(Outcome::Closed, &mut self.ctx, out);
                 }
             }
+            // TCP retransmits and resets feed the network metrics, not spans.
+            Event::Tcp { .. } => {}
         }
     }
 

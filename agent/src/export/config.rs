@@ -41,6 +41,8 @@ pub const BSP_MAX_QUEUE_SIZE: &str = "OTEL_BSP_MAX_QUEUE_SIZE";
 pub const BSP_MAX_EXPORT_BATCH_SIZE: &str = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE";
 /// Milliseconds a span may wait for its batch.
 pub const BSP_SCHEDULE_DELAY: &str = "OTEL_BSP_SCHEDULE_DELAY";
+/// Batch delay of the console exporter when OTEL_BSP_SCHEDULE_DELAY is not set.
+pub const CONSOLE_SCHEDULE_DELAY: Duration = Duration::from_millis(200);
 /// Milliseconds one batch export may take, retries included.
 pub const BSP_EXPORT_TIMEOUT: &str = "OTEL_BSP_EXPORT_TIMEOUT";
 
@@ -174,7 +176,7 @@ pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 impl ExportConfig {
     /// Resolves the configuration from the environment with the exporter choice applied.
     pub fn resolve(choice: ExporterChoice, env: Env<'_>) -> Result<ExportConfig, ConfigError> {
-        let batch = batch_config(env)?;
+        let mut batch = batch_config(env)?;
         let choice = match choice {
             ExporterChoice::Auto => auto_choice(env)?,
             other => other,
@@ -184,6 +186,10 @@ impl ExportConfig {
             ExporterChoice::None => ExportMode::None,
             ExporterChoice::Otlp | ExporterChoice::Auto => ExportMode::Otlp(otlp_config(env)?),
         };
+        // A person reading the terminal wants each span as it ends, not every 5 s.
+        if matches!(mode, ExportMode::Console) && get(env, BSP_SCHEDULE_DELAY).is_none() {
+            batch.scheduled_delay = CONSOLE_SCHEDULE_DELAY;
+        }
         Ok(ExportConfig { mode, batch })
     }
 

@@ -18,7 +18,10 @@ fn otlp(vars: &[(&str, &str)]) -> OtlpConfig {
 fn no_endpoint_means_console() {
     let cfg = resolve(ExporterChoice::Auto, &[]).unwrap();
     assert_eq!(cfg.mode, ExportMode::Console);
-    assert_eq!(cfg.batch, BatchConfig::default());
+    // The console flushes quickly for a person watching; everything else keeps the defaults.
+    assert_eq!(cfg.batch, BatchConfig { scheduled_delay: CONSOLE_SCHEDULE_DELAY, ..BatchConfig::default() });
+    let cfg = resolve(ExporterChoice::Auto, &[(BSP_SCHEDULE_DELAY, "3000")]).unwrap();
+    assert_eq!(cfg.batch.scheduled_delay, Duration::from_millis(3000), "an explicit delay wins");
     // Empty values count as unset.
     let cfg = resolve(ExporterChoice::Auto, &[(ENDPOINT, ""), (TRACES_ENDPOINT, "  ")]).unwrap();
     assert_eq!(cfg.mode, ExportMode::Console);

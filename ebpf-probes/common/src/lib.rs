@@ -34,6 +34,12 @@ pub enum EventKind {
     Data = 1,
     /// A selected process closed a TCP socket it had used.
     Close = 2,
+    /// tcp:tcp_retransmit_skb on a socket a selected process used. pid/cgroup are the owner's.
+    TcpRetransmit = 3,
+    /// tcp:tcp_send_reset on a socket a selected process used.
+    TcpResetSent = 4,
+    /// tcp:tcp_receive_reset on a socket a selected process used.
+    TcpResetReceived = 5,
 }
 
 impl EventKind {
@@ -41,6 +47,9 @@ impl EventKind {
         match v {
             1 => Some(Self::Data),
             2 => Some(Self::Close),
+            3 => Some(Self::TcpRetransmit),
+            4 => Some(Self::TcpResetSent),
+            5 => Some(Self::TcpResetReceived),
             _ => None,
         }
     }

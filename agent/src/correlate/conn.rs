@@ -56,9 +56,11 @@ impl Conn {
     }
 
     /// False when the event shows that the socket address now belongs to another connection
-    /// (the close was missed and the kernel reused the `struct sock`).
+    /// (the close was missed and the kernel reused the `struct sock`): a known role other than
+    /// the one recorded, or known endpoints other than the ones recorded. An event without role
+    /// or endpoints says nothing (the kernel forgets sockets in TCP_CLOSE, and its table is LRU).
     pub fn is_same(&self, role: Role, endpoints: Option<Endpoints>) -> bool {
-        role == self.kernel_role
+        (role == Role::Unknown || role == self.kernel_role)
             && match (self.endpoints, endpoints) {
                 (Some(a), Some(b)) => a == b,
                 _ => true,

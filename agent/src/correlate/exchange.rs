@@ -77,6 +77,7 @@ impl Exchanges {
     }
 
     /// Entries in the queue, dropped runs counting one each (bounded by about twice the cap).
+    #[cfg(test)]
     pub fn slots(&self) -> usize {
         self.slots.len()
     }

@@ -160,6 +160,8 @@ impl Ctx {
 }
 
 impl Correlator {
+    /// A correlator with an empty connection table; `clock` maps kernel times to span times,
+    /// `counters` receives parse failures, evictions and created spans.
     pub fn new(config: CorrelateConfig, clock: Clock, counters: Arc<Counters>) -> Self {
         let stream = StreamConfig { max_head_bytes: config.max_head_bytes, max_failures: config.max_parse_failures };
         Correlator {

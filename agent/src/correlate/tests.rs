@@ -154,6 +154,20 @@ fn socket_reuse_with_a_new_role_resets_the_connection() {
 }
 
 #[test]
+fn role_and_endpoints_forgotten_by_the_kernel_do_not_reset() {
+    let mut h = Harness::new(CorrelateConfig::default());
+    h.server_in(1, 10, b"GET /a HTTP/1.1\r\n\r\n");
+    let mut e = data(1, Role::Unknown, Direction::Egress, 20, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 0);
+    if let Event::Data(d) = &mut e {
+        d.endpoints = None;
+    }
+    h.ev(e);
+    assert_eq!(h.spans.len(), 1);
+    assert_eq!(h.spans[0].status, Status::Unset);
+    assert_eq!(str_attr(&h.spans[0], "network.peer.port").as_deref(), Some("51000"));
+}
+
+#[test]
 fn new_endpoints_reset_the_connection() {
     let mut h = Harness::new(CorrelateConfig::default());
     h.server_in(1, 10, b"GET /a HTTP/1.1\r\n\r\n");

@@ -39,9 +39,13 @@ impl Version {
 /// (W3C Trace Context for `tracestate`) says they may be.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Headers {
+    /// `Host`, as sent (with its port, if any).
     pub host: Option<String>,
+    /// `User-Agent`.
     pub user_agent: Option<String>,
+    /// W3C `traceparent`, unvalidated.
     pub traceparent: Option<String>,
+    /// W3C `tracestate`.
     pub tracestate: Option<String>,
     /// Parsed `Content-Length` (repeated values must agree, else the head is rejected).
     pub content_length: Option<u64>,
@@ -71,10 +75,13 @@ impl Headers {
 /// A request line and its headers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestHead {
+    /// The method token as sent (case-sensitive).
     pub method: String,
     /// The request target as sent (origin form `/p?q`, absolute form, `*`, or authority form).
     pub target: String,
+    /// HTTP/1.0 or HTTP/1.1.
     pub version: Version,
+    /// The headers tapwire keeps.
     pub headers: Headers,
     /// Part of the head was not captured: headers after the cut are missing.
     pub truncated: bool,
@@ -83,8 +90,11 @@ pub struct RequestHead {
 /// A status line and its headers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResponseHead {
+    /// HTTP/1.0 or HTTP/1.1.
     pub version: Version,
+    /// The status code (three digits).
     pub status: u16,
+    /// The headers tapwire keeps.
     pub headers: Headers,
     /// Part of the head was not captured: headers after the cut are missing.
     pub truncated: bool,
@@ -100,10 +110,13 @@ pub enum Head {
 /// Why a head could not be parsed.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HeadError {
+    /// httparse rejected the bytes.
     #[error("malformed message head")]
     Syntax(#[source] httparse::Error),
+    /// The bytes stop before the end of the head.
     #[error("message head ends early")]
     Incomplete,
+    /// Content-Length is not a number, or repeated with different values.
     #[error("invalid or conflicting Content-Length")]
     ContentLength,
 }

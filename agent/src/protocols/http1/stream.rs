@@ -15,7 +15,9 @@ const KEEP_BUFFER: usize = 4096;
 /// Which kind of message this direction carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MessageKind {
+    /// Requests: the process reads them if it is the server, writes them if it is the client.
     Request,
+    /// Responses.
     Response,
 }
 
@@ -47,6 +49,7 @@ pub enum Start {
 /// What the request a response answers implies for the response's framing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RequestHint {
+    /// Any other method: the response's headers decide its framing.
     #[default]
     Normal,
     /// A HEAD request: the response has no body whatever its headers say.
@@ -110,18 +113,25 @@ pub enum Http1Event {
 /// Why a message could not be followed.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
+    /// The head did not parse.
     #[error("invalid message head")]
     Head(#[from] HeadError),
+    /// No end of head within `max_head_bytes`.
     #[error("message head longer than {limit} bytes")]
     HeadTooLong { limit: usize },
+    /// A message should start here but the bytes are no method (or no "HTTP/1.").
     #[error("bytes where a message should start do not look like HTTP/1")]
     BadStart,
+    /// A request's framing cannot be known (RFC 9112 section 6.3).
     #[error("Transfer-Encoding without chunked in a request")]
     RequestTransferEncoding,
+    /// Not a hexadecimal chunk size, or a line too long.
     #[error("invalid chunk-size line")]
     ChunkSize,
+    /// Chunk data longer than its size said.
     #[error("chunk data not followed by CRLF")]
     ChunkCrlf,
+    /// Trailers longer than `max_head_bytes`.
     #[error("trailer section longer than {limit} bytes")]
     TrailersTooLong { limit: usize },
 }
@@ -179,6 +189,7 @@ pub struct Http1Stream {
 }
 
 impl Http1Stream {
+    /// A stream of `kind` messages, starting at the beginning of the connection or in its middle.
     pub fn new(kind: MessageKind, config: StreamConfig, start: Start) -> Self {
         Http1Stream {
             kind,
@@ -195,6 +206,7 @@ impl Http1Stream {
         }
     }
 
+    /// Which kind of message this stream carries.
     pub fn kind(&self) -> MessageKind {
         self.kind
     }
@@ -543,7 +555,6 @@ impl Http1Stream {
                     return;
                 }
                 State::Head => {
-                    self.head_start_ts = self.head_start_ts.min(ts);
                     let buf = std::mem::take(&mut self.head_buf);
                     match head::parse_truncated(&buf, self.kind == MessageKind::Request) {
                         Ok(head) if self.prefix_ok => self.start_message(ts, head, hints, out),

@@ -151,8 +151,12 @@ def check_span(exchange: Exchange, span: dict, service: procs.ServiceProcess) ->
     problems = []
     if span["kind_name"] != "SERVER":
         problems.append(f"kind {span['kind_name']}, expected SERVER")
-    if span["name"] != "GET":
-        problems.append(f"name {span['name']!r}, expected 'GET'")
+    # Identifier-like path segments are templated, so /items/1042 has the route /items/{id}.
+    route = re.sub(r"^/items/\d+$", "/items/{id}", exchange.path)
+    if span["name"] != f"GET {route}":
+        problems.append(f"name {span['name']!r}, expected 'GET {route}'")
+    if attrs.get("http.route") != route:
+        problems.append(f"http.route={attrs.get('http.route')!r}, expected {route!r}")
     for key, value in expected_attrs.items():
         if attrs.get(key) != value:
             problems.append(f"{key}={attrs.get(key)!r}, expected {value!r}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -386,8 +387,10 @@ def ideal_spans_request(exchanges, service, service_name: str, mutate=None):
     for exchange in exchanges:
         duration = (exchange.handler_ns + exchange.client_ns) // 2
         trace_id = exchange.traceparent.trace_id if exchange.traceparent else os.urandom(16).hex()
+        route = re.sub(r"^/items/\d+$", "/items/{id}", exchange.path)
         attrs = [kv("http.request.method", string_value="GET"),
                  kv("url.path", string_value=exchange.path),
+                 kv("http.route", string_value=route),
                  kv("url.scheme", string_value="http"),
                  kv("http.response.status_code", int_value=exchange.status),
                  kv("server.port", int_value=service.port),
@@ -403,7 +406,7 @@ def ideal_spans_request(exchanges, service, service_name: str, mutate=None):
             trace_id=bytes.fromhex(trace_id), span_id=os.urandom(8),
             parent_span_id=bytes.fromhex(exchange.traceparent.parent_id)
             if exchange.traceparent else b"",
-            name="GET", kind=trace_pb2.Span.SPAN_KIND_SERVER,
+            name=f"GET {route}", kind=trace_pb2.Span.SPAN_KIND_SERVER,
             start_time_unix_nano=exchange.wall_start_ns,
             end_time_unix_nano=exchange.wall_start_ns + duration, attributes=attrs,
             status=trace_pb2.Status(code=trace_pb2.Status.STATUS_CODE_ERROR if error

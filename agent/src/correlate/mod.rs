@@ -56,6 +56,10 @@ pub struct CorrelateConfig {
     pub max_unknown_chunks: u32,
     /// Consecutive parse failures after which a connection is ignored.
     pub max_parse_failures: u32,
+    /// User-configured route patterns (`/users/{id}`), tried before the id heuristic.
+    pub route_patterns: Vec<route::Pattern>,
+    /// Distinct `http.route` values per service; later ones become `route::OVERFLOW_ROUTE`.
+    pub max_routes_per_service: usize,
 }
 
 impl Default for CorrelateConfig {
@@ -67,6 +71,8 @@ impl Default for CorrelateConfig {
             max_pending_requests: 64,
             max_unknown_chunks: 256,
             max_parse_failures: 8,
+            route_patterns: Vec::new(),
+            max_routes_per_service: 500,
         }
     }
 }
@@ -116,6 +122,7 @@ pub(crate) struct Ctx {
     log_drop: RateLimit,
     log_evict: RateLimit,
     log_traceparent: RateLimit,
+    routes: route::RouteTable,
 }
 
 const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -154,8 +161,25 @@ impl Ctx {
                 tracing::debug!(suppressed, "ignored an invalid traceparent header");
             }
         }
-        out.push(span::build(conn, &ex, end_ts, outcome, ids, &self.clock));
+        let mut span = span::build(conn, &ex, end_ts, outcome, ids, &self.clock);
+        if span.kind == crate::model::SpanKind::Server {
+            self.add_route(&mut span);
+        }
+        out.push(span);
         Counters::inc(&self.counters.spans_created);
+    }
+
+    /// Sets `http.route` and names the span `{method} {route}`; never the raw path.
+    fn add_route(&mut self, span: &mut Span) {
+        let Some(crate::model::Value::Str(path)) = span.attributes.get("url.path") else { return };
+        let (route, source) = self.routes.route(&span.resource.service_name, path);
+        if source == route::RouteSource::Overflow {
+            Counters::inc(&self.counters.routes_overflowed);
+        }
+        if span.name != "HTTP" {
+            span.name = format!("{} {route}", span.name);
+        }
+        span.attributes.push("http.route", route);
     }
 }
 
@@ -164,6 +188,7 @@ impl Correlator {
     /// `counters` receives parse failures, evictions and created spans.
     pub fn new(config: CorrelateConfig, clock: Clock, counters: Arc<Counters>) -> Self {
         let stream = StreamConfig { max_head_bytes: config.max_head_bytes, max_failures: config.max_parse_failures };
+        let routes = route::RouteTable::new(config.route_patterns.clone(), config.max_routes_per_service);
         Correlator {
             table: LruTable::new(),
             ctx: Ctx {
@@ -178,6 +203,7 @@ impl Correlator {
                 log_drop: RateLimit::new(LOG_EVERY),
                 log_evict: RateLimit::new(LOG_EVERY),
                 log_traceparent: RateLimit::new(LOG_EVERY),
+                routes,
             },
         }
     }

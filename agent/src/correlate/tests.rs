@@ -93,7 +93,7 @@ fn server_span_has_the_conventional_attributes() {
     h.server_out(1, 5_000, b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok");
     assert_eq!(h.spans.len(), 1);
     let s = &h.spans[0];
-    assert_eq!(s.name, "POST");
+    assert_eq!(s.name, "POST /api/items");
     assert_eq!(s.kind, SpanKind::Server);
     assert_eq!((s.start_unix_nano, s.end_unix_nano), (1_000, 5_000));
     assert_eq!(s.status, Status::Unset);
@@ -113,6 +113,7 @@ fn server_span_has_the_conventional_attributes() {
         ("user_agent.original", "curl/8.5".into()),
         ("http.request.body.size", 4i64.into()),
         ("http.response.body.size", 2i64.into()),
+        ("http.route", "/api/items".into()),
     ];
     let got: Vec<(&str, Value)> = s.attributes.0.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     assert_eq!(got, expected);

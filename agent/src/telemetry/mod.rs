@@ -16,6 +16,8 @@ pub struct Counters {
     pub parse_failures_http1: AtomicU64,
     /// Connections dropped from the tracking table because it was full.
     pub connections_evicted: AtomicU64,
+    /// Requests whose route went to the per-service overflow route (too many distinct routes).
+    pub routes_overflowed: AtomicU64,
     /// Spans handed to the exporter.
     pub spans_created: AtomicU64,
     /// Spans the collector accepted.

@@ -22,9 +22,11 @@ commands:
   setup                 install what the build and tests need (nightly rust-src, bpf-linker,
                         Debian packages, Python venv in .venv); skips what is present
   build [--debug]       setup, then build the agent (target/release/tapwire) with its eBPF probes
-  test [options]        setup, unit tests, release build, end-to-end tests (needs root); what CI runs
+  test [options]        setup, unit tests, release build, end-to-end tests (needs root), fuzzing
+                        (about 2 minutes); what CI runs
       --unit-only       only `cargo test --release --workspace`
       --e2e-only        only the build and the end-to-end suite
+      --no-fuzz         skip the bounded cargo-fuzz runs (agent/fuzz) that end the full suite
       -k EXPR           select end-to-end tests by pytest expression
       -- ARGS           more pytest arguments
   run [-- ARGS]         setup and build, then `tapwire ARGS`; without ARGS, a quick start demo
@@ -107,6 +109,7 @@ fn test_options(args: &[String]) -> Result<test::Options> {
     let mut opts = test::Options {
         unit: true,
         e2e: true,
+        fuzz: true,
         keyword: None,
         pytest_args: Vec::new(),
     };
@@ -116,6 +119,7 @@ fn test_options(args: &[String]) -> Result<test::Options> {
         match arg.as_str() {
             "--unit-only" => unit_only = true,
             "--e2e-only" => e2e_only = true,
+            "--no-fuzz" => opts.fuzz = false,
             "-k" => {
                 let Some(expr) = it.next() else {
                     bail!("-k needs a pytest expression")
@@ -133,6 +137,8 @@ fn test_options(args: &[String]) -> Result<test::Options> {
     }
     opts.unit = !e2e_only;
     opts.e2e = !unit_only;
+    // The fuzz targets run with the full suite only (CI), unless turned off.
+    opts.fuzz = opts.fuzz && !unit_only && !e2e_only;
     if !opts.e2e && (opts.keyword.is_some() || !opts.pytest_args.is_empty()) {
         bail!("-k and pytest arguments apply to the end-to-end tests, which --unit-only skips");
     }
@@ -150,7 +156,9 @@ mod tests {
     #[test]
     fn test_runs_everything_by_default() {
         let o = test_options(&[]).unwrap();
-        assert!(o.unit && o.e2e && o.keyword.is_none() && o.pytest_args.is_empty());
+        assert!(o.unit && o.e2e && o.fuzz && o.keyword.is_none() && o.pytest_args.is_empty());
+        assert!(!test_options(&args("--no-fuzz")).unwrap().fuzz);
+        assert!(!test_options(&args("--unit-only")).unwrap().fuzz);
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub const APT_PACKAGES: &[&str] = &[
 /// nightly the eBPF programs build with; move it together with the nightly.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// cargo-fuzz release used to run the fuzz targets under agent/fuzz.
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// Pinned Python packages for the end-to-end tests (servers, clients, the OTLP receiver).
 pub const REQUIREMENTS: &str = "tests/requirements.txt";
 
@@ -43,12 +46,30 @@ pub fn setup() -> Result<()> {
     rust_src(&sysroot)?;
     bpf_linker(&sysroot)?;
     apt_packages()?;
+    cargo_fuzz()?;
     python_venv()?;
     log(
         TAG,
         format!("done in {:.1} s", start.elapsed().as_secs_f64()),
     );
     Ok(())
+}
+
+/// cargo-fuzz runs the fuzz targets (with the nightly); installed from crates.io when missing.
+fn cargo_fuzz() -> Result<()> {
+    let working = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if working {
+        log(TAG, "cargo-fuzz: present, skipping");
+        return Ok(());
+    }
+    log(TAG, format!("cargo-fuzz: installing {CARGO_FUZZ_VERSION} from crates.io"));
+    run(
+        TAG,
+        Command::new("cargo").args(["install", "--locked", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION]),
+    )
 }
 
 /// The nightly toolchain builds the eBPF programs (`-Z build-std=core` for bpfel-unknown-none).

@@ -23,9 +23,14 @@ const TAG: &str = "test";
 /// pytest's exit status when it collected no test.
 const PYTEST_NO_TESTS: i32 = 5;
 
+/// Fuzz targets under agent/fuzz and how long CI runs each (seconds).
+const FUZZ_TARGETS: &[(&str, u32)] = &[("http1_stream", 60), ("correlator", 30), ("event_decode", 20)];
+
 pub struct Options {
     pub unit: bool,
     pub e2e: bool,
+    /// Run the fuzz targets for their bounded time.
+    pub fuzz: bool,
     /// pytest `-k` expression.
     pub keyword: Option<String>,
     /// Extra arguments for pytest (after `--`).
@@ -88,7 +93,25 @@ fn run_steps(opts: &Options, steps: &mut Vec<Step>) -> Result<()> {
             });
         }
     }
+    if opts.fuzz {
+        for (target, seconds) in FUZZ_TARGETS {
+            let _ = step(steps, &format!("fuzz {target} ({seconds} s)"), || fuzz(target, *seconds));
+        }
+    }
     Ok(())
+}
+
+/// Runs one cargo-fuzz target for a bounded time; a crash fails the step and leaves its input
+/// under agent/fuzz/artifacts/ (turn it into a regression test).
+fn fuzz(target: &str, seconds: u32) -> Result<()> {
+    run(
+        TAG,
+        Command::new("cargo")
+            .current_dir(workspace::root().join("agent"))
+            .args(["+nightly", "fuzz", "run", target, "--", &format!("-max_total_time={seconds}")])
+            // The fuzz build needs no eBPF object.
+            .env("TAPWIRE_SKIP_EBPF", "1"),
+    )
 }
 
 fn e2e(binary: &Path, opts: &Options) -> Result<()> {

@@ -17,7 +17,17 @@ use crate::{
     clock::{Clock, monotonic_ns},
     correlate::{CorrelateConfig, Correlator},
     discover::{cgroup, resource::ProcResources},
-    export,
+    export::{
+        self,
+        metrics::{resolve_metrics_config, spawn_metrics},
+        prometheus::{PrometheusServer, PrometheusState},
+    },
+    metrics::{
+        agent::{AgentGauge, agent_metrics, agent_resource},
+        model::Snapshot,
+        now_unix_nano,
+        red::{RedConfig, RedMetrics},
+    },
     telemetry::Counters,
 };
 
@@ -49,6 +59,9 @@ pub struct RunArgs {
     /// Where spans go: `auto` = OTLP when an OTEL_EXPORTER_OTLP_*ENDPOINT is set, else console.
     #[arg(long, env = "TAPWIRE_EXPORTER", value_enum, default_value_t = ExporterChoice::Auto)]
     pub exporter: ExporterChoice,
+    /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz), e.g. 0.0.0.0:9464.
+    #[arg(long, env = "TAPWIRE_PROMETHEUS_LISTEN", value_name = "ADDR")]
+    pub prometheus_listen: Option<std::net::SocketAddr>,
 }
 
 pub use crate::export::ExporterChoice;
@@ -113,6 +126,32 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let counters = Arc::new(Counters::default());
     let export_config = export::resolve_config(args.exporter)?;
     let exporter = export::spawn(export_config, counters.clone()).context("while starting the span exporter")?;
+    let started_unix_nano = now_unix_nano();
+    let metrics_config = resolve_metrics_config(args.exporter)?.with_prometheus_listen(args.prometheus_listen);
+    let prometheus = Arc::new(PrometheusState::new());
+    let mut prometheus_task = None;
+    if let Some(addr) = metrics_config.prometheus {
+        let server = PrometheusServer::bind(addr).await.context("while starting the Prometheus endpoint")?;
+        tracing::info!(address = %server.local_addr(), "serving Prometheus metrics at /metrics");
+        prometheus_task = Some(tokio::spawn(server.run(prometheus.clone())));
+    }
+    let metrics_exporter = spawn_metrics(metrics_config, counters.clone()).context("while starting the metrics exporter")?;
+    let mut red = RedMetrics::new(RedConfig::default(), counters.clone());
+    let agent_res = agent_resource();
+    let snapshot = |red: &mut RedMetrics, span_queue: usize| -> Snapshot {
+        let now = now_unix_nano();
+        let mut snap = red.snapshot(now);
+        snap.push(agent_metrics(
+            &counters,
+            &agent_res,
+            started_unix_nano,
+            now,
+            &[AgentGauge::export_queue_size(span_queue), AgentGauge::metric_series(red.series_count())],
+        ));
+        snap
+    };
+    let push_every = metrics_exporter.interval();
+    let mut push = tokio::time::interval_at(tokio::time::Instant::now() + push_every, push_every);
 
     let mut probes = Probes::load(&CaptureConfig { payload_cap: args.payload_bytes })?;
     probes.attach_all()?;
@@ -146,8 +185,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     correlator.on_event(event, &mut resources, &mut spans);
                 }
                 for span in spans.drain(..) {
+                    red.record(&span);
                     exporter.send(span);
                 }
+            }
+            _ = push.tick(), if metrics_exporter.pushes() => {
+                metrics_exporter.export(snapshot(&mut red, exporter.queue_len()));
             }
             _ = tick.tick() => {
                 let now = selection.scan();
@@ -160,7 +203,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 correlator.expire(monotonic_ns(), &mut resources, &mut spans);
                 for span in spans.drain(..) {
+                    red.record(&span);
                     exporter.send(span);
+                }
+                if prometheus_task.is_some() {
+                    prometheus.update(snapshot(&mut red, exporter.queue_len()));
                 }
                 if let Ok(k) = probes.kernel_counters() {
                     let lost = k[tapwire_common::Counter::RingbufFull as usize];
@@ -189,9 +236,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(reader);
     drop(probes);
     for span in spans.drain(..) {
+        red.record(&span);
         exporter.send(span);
     }
     exporter.shutdown(Duration::from_secs(10)).await;
+    // After the span exporter, so that the agent's own counters in the last snapshot are final.
+    if metrics_exporter.pushes() {
+        metrics_exporter.export(snapshot(&mut red, 0));
+    }
+    metrics_exporter.shutdown(Duration::from_secs(5)).await;
+    if let Some(task) = prometheus_task {
+        task.abort();
+    }
     let c = &counters;
     tracing::info!(
         events_read = Counters::get(&c.events_read),

@@ -9,6 +9,7 @@ pub mod clock;
 pub mod correlate;
 pub mod discover;
 pub mod export;
+pub mod metrics;
 pub mod model;
 pub mod protocols;
 pub mod telemetry;

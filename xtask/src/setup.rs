@@ -26,6 +26,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "procps",
     "util-linux",
+    "prometheus",
+    // tests/e2e/test_http_matrix.py builds its Go net/http server (stdlib only) with it.
+    "golang-go",
 ];
 
 /// bpf-linker release to build when none is installed. 0.13.0 offers `llvm-22`, the LLVM of the
@@ -38,6 +41,10 @@ pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Pinned Python packages for the end-to-end tests (servers, clients, the OTLP receiver).
 pub const REQUIREMENTS: &str = "tests/requirements.txt";
 
+/// Pinned Python packages `cargo xtask bench` adds to the same venv (the OpenTelemetry Python SDK
+/// it compares tapwire with), installed with the tests' pins as constraints.
+pub const BENCH_REQUIREMENTS: &str = "bench/requirements.txt";
+
 const TAG: &str = "setup";
 
 pub fn setup() -> Result<()> {
@@ -48,6 +55,7 @@ pub fn setup() -> Result<()> {
     apt_packages()?;
     cargo_fuzz()?;
     python_venv()?;
+    bench_requirements()?;
     log(
         TAG,
         format!("done in {:.1} s", start.elapsed().as_secs_f64()),
@@ -341,6 +349,55 @@ fn python_venv() -> Result<()> {
                 "-r",
             ])
             .arg(&requirements),
+    )?;
+    fs::write(&stamp, format!("{hash}\n"))
+        .with_context(|| format!("cannot write {}", stamp.display()))?;
+    Ok(())
+}
+
+/// bench/requirements.txt into the venv python_venv made. Its own stamp holds the hashes of both
+/// files, so a change to either reinstalls it; tests/requirements.txt is passed as constraints, so
+/// a conflict between the two fails here instead of silently moving a test dependency.
+fn bench_requirements() -> Result<()> {
+    let root = workspace::root();
+    let bench = root.join(BENCH_REQUIREMENTS);
+    if !bench.is_file() {
+        bail!(
+            "{} is missing: it pins the Python packages `cargo xtask bench` uses",
+            bench.display()
+        );
+    }
+    let tests = root.join(REQUIREMENTS);
+    let stamp = workspace::venv().join(".tapwire-bench-requirements.sha256");
+    let sums = output(Command::new("sha256sum").arg(&bench).arg(&tests))?;
+    let hash = sums
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == hash) {
+        log(
+            TAG,
+            format!("Python venv: up to date with {BENCH_REQUIREMENTS}, skipping"),
+        );
+        return Ok(());
+    }
+    log(TAG, format!("Python venv: installing {BENCH_REQUIREMENTS}"));
+    run(
+        TAG,
+        Command::new(workspace::venv_python())
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--progress-bar",
+                "off",
+                "-r",
+            ])
+            .arg(&bench)
+            .arg("-c")
+            .arg(&tests),
     )?;
     fs::write(&stamp, format!("{hash}\n"))
         .with_context(|| format!("cannot write {}", stamp.display()))?;

@@ -46,8 +46,28 @@ pub const CONSOLE_SCHEDULE_DELAY: Duration = Duration::from_millis(200);
 /// Milliseconds one batch export may take, retries included.
 pub const BSP_EXPORT_TIMEOUT: &str = "OTEL_BSP_EXPORT_TIMEOUT";
 
-/// Signal path appended to `OTEL_EXPORTER_OTLP_ENDPOINT` for http/protobuf.
-const TRACES_PATH: &str = "v1/traces";
+/// The per-signal variables of the OTLP exporter spec and the path appended to the generic
+/// endpoint for http/protobuf. The generic variables are shared by every signal.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SignalVars {
+    pub endpoint: &'static str,
+    pub protocol: &'static str,
+    pub headers: &'static str,
+    pub timeout: &'static str,
+    pub compression: &'static str,
+    /// Appended to `OTEL_EXPORTER_OTLP_ENDPOINT` for http/protobuf, e.g. `v1/traces`.
+    pub path: &'static str,
+}
+
+/// The traces signal.
+pub(crate) const TRACES: SignalVars = SignalVars {
+    endpoint: TRACES_ENDPOINT,
+    protocol: TRACES_PROTOCOL,
+    headers: TRACES_HEADERS,
+    timeout: TRACES_TIMEOUT,
+    compression: TRACES_COMPRESSION,
+    path: "v1/traces",
+};
 /// Default collector endpoints when OTLP is chosen but no endpoint is set.
 const DEFAULT_HTTP_ENDPOINT: &str = "http://localhost:4318";
 const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
@@ -63,6 +83,8 @@ pub enum ConfigError {
     UnknownCompression { var: &'static str, value: String },
     #[error("{var}={value:?}: unknown exporter, expected `otlp`, `console` or `none`")]
     UnknownExporter { var: &'static str, value: String },
+    #[error("{var}={value:?}: unknown metrics exporter, expected `otlp`, `prometheus`, `console` or `none`")]
+    UnknownMetricsExporter { var: &'static str, value: String },
     #[error("{var}={value:?}: not a valid endpoint URL: {reason}")]
     InvalidEndpoint { var: &'static str, value: String, reason: String },
     #[error("{var}={value:?}: not a number")]
@@ -184,7 +206,7 @@ impl ExportConfig {
         let mode = match choice {
             ExporterChoice::Console => ExportMode::Console,
             ExporterChoice::None => ExportMode::None,
-            ExporterChoice::Otlp | ExporterChoice::Auto => ExportMode::Otlp(otlp_config(env)?),
+            ExporterChoice::Otlp | ExporterChoice::Auto => ExportMode::Otlp(otlp_config(env, &TRACES)?),
         };
         // A person reading the terminal wants each span as it ends, not every 5 s.
         if matches!(mode, ExportMode::Console) && get(env, BSP_SCHEDULE_DELAY).is_none() {
@@ -206,20 +228,20 @@ impl ExportConfig {
             (ExporterChoice::Console, _) => ExportMode::Console,
             (ExporterChoice::None, _) => ExportMode::None,
             (ExporterChoice::Otlp, ExportMode::Otlp(otlp)) => ExportMode::Otlp(otlp),
-            (ExporterChoice::Otlp, _) => ExportMode::Otlp(otlp_config(env)?),
+            (ExporterChoice::Otlp, _) => ExportMode::Otlp(otlp_config(env, &TRACES)?),
         };
         Ok(ExportConfig { mode, batch: self.batch })
     }
 }
 
 /// Reads a variable; empty or blank values count as unset.
-fn get(env: Env<'_>, var: &'static str) -> Option<(&'static str, String)> {
+pub(crate) fn get(env: Env<'_>, var: &'static str) -> Option<(&'static str, String)> {
     env(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()).map(|v| (var, v))
 }
 
-/// The `_TRACES_` variable if set, else the generic one.
-fn get_either(env: Env<'_>, traces: &'static str, generic: &'static str) -> Option<(&'static str, String)> {
-    get(env, traces).or_else(|| get(env, generic))
+/// The per-signal variable if set, else the generic one.
+fn get_either(env: Env<'_>, signal: &'static str, generic: &'static str) -> Option<(&'static str, String)> {
+    get(env, signal).or_else(|| get(env, generic))
 }
 
 fn auto_choice(env: Env<'_>) -> Result<ExporterChoice, ConfigError> {
@@ -240,16 +262,17 @@ fn auto_choice(env: Env<'_>) -> Result<ExporterChoice, ConfigError> {
     }
 }
 
-fn otlp_config(env: Env<'_>) -> Result<OtlpConfig, ConfigError> {
-    let traces_endpoint = get(env, TRACES_ENDPOINT);
+/// The OTLP settings of one signal: its own variables first, then the generic ones.
+pub(crate) fn otlp_config(env: Env<'_>, signal: &SignalVars) -> Result<OtlpConfig, ConfigError> {
+    let signal_endpoint = get(env, signal.endpoint);
     let generic_endpoint = get(env, ENDPOINT);
-    let explicit = traces_endpoint.is_some();
-    let given = traces_endpoint.or(generic_endpoint);
+    let explicit = signal_endpoint.is_some();
+    let given = signal_endpoint.or(generic_endpoint);
     if let Some((var, value)) = &given {
         validate_url(var, value)?;
     }
 
-    let protocol = match get_either(env, TRACES_PROTOCOL, PROTOCOL) {
+    let protocol = match get_either(env, signal.protocol, PROTOCOL) {
         Some((var, value)) => parse_protocol(var, value)?,
         None => match given.as_ref().and_then(|(_, url)| port_of(url)) {
             Some(4317) => Protocol::Grpc,
@@ -261,25 +284,25 @@ fn otlp_config(env: Env<'_>) -> Result<OtlpConfig, ConfigError> {
         (Some((_, url)), Protocol::Grpc) => url,
         (Some((_, url)), Protocol::HttpProtobuf) if explicit => url,
         (Some((var, url)), Protocol::HttpProtobuf) => {
-            let joined = append_signal_path(&url);
+            let joined = append_signal_path(&url, signal.path);
             validate_url(var, &joined)?;
             joined
         }
         (None, Protocol::Grpc) => DEFAULT_GRPC_ENDPOINT.to_owned(),
-        (None, Protocol::HttpProtobuf) => append_signal_path(DEFAULT_HTTP_ENDPOINT),
+        (None, Protocol::HttpProtobuf) => append_signal_path(DEFAULT_HTTP_ENDPOINT, signal.path),
     };
 
-    let headers = match get_either(env, TRACES_HEADERS, HEADERS) {
+    let headers = match get_either(env, signal.headers, HEADERS) {
         Some((var, value)) => parse_headers(var, &value)?,
         None => Vec::new(),
     };
 
-    let timeout = match get_either(env, TRACES_TIMEOUT, TIMEOUT) {
+    let timeout = match get_either(env, signal.timeout, TIMEOUT) {
         Some((var, value)) => Duration::from_millis(parse_positive(var, value)?),
         None => Duration::from_millis(10_000),
     };
 
-    let compression = match get_either(env, TRACES_COMPRESSION, COMPRESSION) {
+    let compression = match get_either(env, signal.compression, COMPRESSION) {
         Some((var, value)) => match value.to_ascii_lowercase().as_str() {
             "gzip" => Compression::Gzip,
             "none" => Compression::None,
@@ -332,7 +355,7 @@ fn parse_protocol(var: &'static str, value: String) -> Result<Protocol, ConfigEr
     }
 }
 
-fn parse_positive(var: &'static str, value: String) -> Result<u64, ConfigError> {
+pub(crate) fn parse_positive(var: &'static str, value: String) -> Result<u64, ConfigError> {
     match value.parse::<u64>() {
         Ok(0) => Err(ConfigError::Zero { var, value }),
         Ok(n) => Ok(n),
@@ -364,12 +387,12 @@ fn port_of(url: &str) -> Option<u16> {
 }
 
 /// `http://h:4318` -> `http://h:4318/v1/traces`; `http://h/otlp/` -> `http://h/otlp/v1/traces`.
-fn append_signal_path(base: &str) -> String {
+fn append_signal_path(base: &str, path: &str) -> String {
     // A query string would end up in the wrong place; collectors do not use one on the base URL.
     if base.ends_with('/') {
-        format!("{base}{TRACES_PATH}")
+        format!("{base}{path}")
     } else {
-        format!("{base}/{TRACES_PATH}")
+        format!("{base}/{path}")
     }
 }
 

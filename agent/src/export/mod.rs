@@ -8,8 +8,10 @@
 mod batch;
 pub mod config;
 pub mod console;
+pub mod metrics;
 pub mod otlp;
-mod ratelimit;
+pub mod prometheus;
+pub(crate) mod ratelimit;
 
 use std::{sync::Arc, time::Duration};
 
@@ -93,6 +95,11 @@ impl ExporterHandle {
                 "{message}"
             );
         }
+    }
+
+    /// Spans waiting in the export queue now (0 when spans are discarded).
+    pub fn queue_len(&self) -> usize {
+        self.tx.as_ref().map_or(0, |tx| tx.max_capacity() - tx.capacity())
     }
 
     /// Flushes everything queued and stops; waits at most `deadline`. Spans that could not be

@@ -26,6 +26,16 @@ pub struct Counters {
     pub spans_failed: AtomicU64,
     /// Spans dropped because the export queue was full.
     pub spans_dropped: AtomicU64,
+    /// Metric data points the collector accepted.
+    pub metric_points_exported: AtomicU64,
+    /// Metric data points whose export failed for good (after retries, or rejected).
+    pub metric_points_failed: AtomicU64,
+    /// Metric snapshots replaced by a newer one before they could be exported (the exporter
+    /// was still busy); cumulative values make the newer snapshot carry the same data.
+    pub metric_snapshots_dropped: AtomicU64,
+    /// Measurements recorded into an overflow series (`otel.metric.overflow=true`) because
+    /// their resource had reached its series limit.
+    pub metric_series_overflowed: AtomicU64,
 }
 
 impl Counters {

@@ -1,4 +1,5 @@
-//! OTLP/gRPC transport: `TraceService/Export` over a lazily connected tonic channel.
+//! OTLP/gRPC transport: `TraceService/Export` over a lazily connected tonic channel. The channel,
+//! metadata and call helpers are shared with `MetricsService/Export` (export::metrics::otlp).
 
 use std::time::Duration;
 
@@ -27,52 +28,78 @@ pub struct GrpcTransport {
 impl GrpcTransport {
     /// Builds the client; never blocks (the connection is made lazily).
     pub fn new(cfg: &OtlpConfig) -> Result<GrpcTransport, ExportError> {
-        let invalid = |reason: String| ExportError::Endpoint {
-            endpoint: cfg.endpoint.clone(),
-            reason,
-        };
-        let mut endpoint = Endpoint::from_shared(cfg.endpoint.clone())
-            .map_err(|e| invalid(e.to_string()))?
-            .timeout(cfg.timeout)
-            .connect_timeout(cfg.timeout)
-            .user_agent(super::USER_AGENT)
-            .map_err(|e| invalid(e.to_string()))?;
-        if cfg.endpoint.starts_with("https://") {
-            endpoint = endpoint
-                .tls_config(ClientTlsConfig::new().with_webpki_roots())
-                .map_err(|e| invalid(format!("TLS setup failed: {e}")))?;
-        }
-        let mut client = TraceServiceClient::new(endpoint.connect_lazy());
+        let mut client = TraceServiceClient::new(channel(cfg)?);
         if cfg.compression == Compression::Gzip {
             client = client
                 .send_compressed(CompressionEncoding::Gzip)
                 .accept_compressed(CompressionEncoding::Gzip);
         }
-        let mut metadata = MetadataMap::new();
-        for (name, value) in &cfg.headers {
-            let bad = || ExportError::Header { name: name.clone() };
-            let key = MetadataKey::from_bytes(name.as_bytes()).map_err(|_| bad())?;
-            let value = MetadataValue::try_from(value.as_str()).map_err(|_| bad())?;
-            metadata.insert(key, value);
-        }
         Ok(GrpcTransport {
             client,
-            metadata,
+            metadata: metadata(cfg)?,
             timeout: cfg.timeout,
         })
     }
 
     /// One attempt; `Ok` carries the partial-success part of the response, if any.
     pub async fn send(&self, request: ExportTraceServiceRequest) -> Result<Option<ExportTracePartialSuccess>, Failure> {
-        let mut request = tonic::Request::new(request);
-        *request.metadata_mut() = self.metadata.clone();
-        request.set_timeout(self.timeout);
-        // The channel's own timeout covers the call; this one also bounds connection setup.
+        let request = request_with(request, &self.metadata, self.timeout);
         let mut client = self.client.clone(); // cheap: a handle on the shared channel
-        match tokio::time::timeout(self.timeout + Duration::from_millis(100), client.export(request)).await {
-            Err(_) => Err(Failure::transient("timeout", format!("no response within {:?}", self.timeout))),
-            Ok(Err(status)) => Err(classify_grpc(&status)),
-            Ok(Ok(response)) => Ok(response.into_inner().partial_success),
-        }
+        call(self.timeout, client.export(request))
+            .await
+            .map(|response| response.partial_success)
+    }
+}
+
+/// A lazily connected channel to the collector (TLS with the Mozilla roots for `https://`).
+pub(crate) fn channel(cfg: &OtlpConfig) -> Result<Channel, ExportError> {
+    let invalid = |reason: String| ExportError::Endpoint {
+        endpoint: cfg.endpoint.clone(),
+        reason,
+    };
+    let mut endpoint = Endpoint::from_shared(cfg.endpoint.clone())
+        .map_err(|e| invalid(e.to_string()))?
+        .timeout(cfg.timeout)
+        .connect_timeout(cfg.timeout)
+        .user_agent(super::USER_AGENT)
+        .map_err(|e| invalid(e.to_string()))?;
+    if cfg.endpoint.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().with_webpki_roots())
+            .map_err(|e| invalid(format!("TLS setup failed: {e}")))?;
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+/// The configured headers as gRPC metadata.
+pub(crate) fn metadata(cfg: &OtlpConfig) -> Result<MetadataMap, ExportError> {
+    let mut metadata = MetadataMap::new();
+    for (name, value) in &cfg.headers {
+        let bad = || ExportError::Header { name: name.clone() };
+        let key = MetadataKey::from_bytes(name.as_bytes()).map_err(|_| bad())?;
+        let value = MetadataValue::try_from(value.as_str()).map_err(|_| bad())?;
+        metadata.insert(key, value);
+    }
+    Ok(metadata)
+}
+
+/// A request carrying the configured metadata and the per-request timeout.
+pub(crate) fn request_with<T>(message: T, metadata: &MetadataMap, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    *request.metadata_mut() = metadata.clone();
+    request.set_timeout(timeout);
+    request
+}
+
+/// Awaits one call, bounded by `timeout`, with failures classified for the retry policy.
+pub(crate) async fn call<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, Failure> {
+    // The channel's own timeout covers the call; this one also bounds connection setup.
+    match tokio::time::timeout(timeout + Duration::from_millis(100), call).await {
+        Err(_) => Err(Failure::transient("timeout", format!("no response within {timeout:?}"))),
+        Ok(Err(status)) => Err(classify_grpc(&status)),
+        Ok(Ok(response)) => Ok(response.into_inner()),
     }
 }

@@ -15,7 +15,7 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess, ExportTraceServiceResponse};
 use prost::Message as _;
 
 use super::retry::{Failure, classify_http};
@@ -83,7 +83,7 @@ impl HttpTransport {
     }
 
     /// The request body, encoded (and compressed) once for all attempts.
-    pub fn encode(&self, request: &ExportTraceServiceRequest) -> Result<Bytes, Failure> {
+    pub fn encode(&self, request: &impl prost::Message) -> Result<Bytes, Failure> {
         let raw = request.encode_to_vec();
         if !self.gzip {
             return Ok(Bytes::from(raw));
@@ -97,6 +97,16 @@ impl HttpTransport {
 
     /// One attempt; `Ok` carries the partial-success part of the response, if any.
     pub async fn send(&self, body: Bytes) -> Result<Option<ExportTracePartialSuccess>, Failure> {
+        Ok(self
+            .send_raw(body)
+            .await?
+            .and_then(|body| ExportTraceServiceResponse::decode(body).ok())
+            .and_then(|r| r.partial_success))
+    }
+
+    /// One attempt; `Ok` carries the protobuf response body when there is a non-empty one.
+    /// The caller decodes it; one that does not decode still means the data was accepted.
+    pub(crate) async fn send_raw(&self, body: Bytes) -> Result<Option<Bytes>, Failure> {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.uri.clone();
@@ -122,16 +132,12 @@ impl HttpTransport {
         if !parts.status.is_success() {
             return Err(classify_http(parts.status, &parts.headers, &body));
         }
-        // Only a protobuf body can carry a partial success; one that does not decode still means
-        // the spans were accepted.
+        // Only a protobuf body can carry a partial success.
         let protobuf = parts
             .headers
             .get(CONTENT_TYPE)
             .is_none_or(|v| v.as_bytes().starts_with(b"application/x-protobuf"));
-        if !protobuf || body.is_empty() {
-            return Ok(None);
-        }
-        Ok(ExportTraceServiceResponse::decode(body).ok().and_then(|r| r.partial_success))
+        Ok((protobuf && !body.is_empty()).then_some(body))
     }
 }
 

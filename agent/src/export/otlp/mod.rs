@@ -2,8 +2,8 @@
 //! spec calls retryable, and report what the collector accepted.
 
 pub mod encode;
-mod grpc;
-mod http;
+pub(crate) mod grpc;
+pub(crate) mod http;
 pub mod retry;
 
 #[cfg(test)]

@@ -35,8 +35,12 @@ pub struct Inflight {
     /// User pointer: the buffer (read/write/recvfrom/sendto), the iovec array (readv/writev) or
     /// the msghdr (recvmsg/sendmsg).
     pub arg: u64,
+    /// Third argument: iovec count (readv/writev), else unused.
+    pub count: u64,
     /// Set by sock:sock_{send,recv}_length when the fd turned out to be a TCP socket.
     pub sock: u64,
+    /// CLOCK_MONOTONIC at syscall entry.
+    pub enter_ns: u64,
 }
 
 #[map(name = "INFLIGHT")]
@@ -55,7 +59,8 @@ pub static FD_SOCKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 
 #[repr(C)]
 pub struct Scratch {
     pub header: EventHeader,
-    pub payload: [u8; MAX_PAYLOAD],
+    /// Twice the largest payload, so that the verifier can prove offset + length in bounds.
+    pub payload: [u8; 2 * MAX_PAYLOAD],
 }
 
 #[map(name = "SCRATCH")]

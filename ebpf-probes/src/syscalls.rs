@@ -20,7 +20,12 @@ use crate::maps::{
 /// Offsets in the syscalls:* tracepoint records (see .../events/syscalls/*/format).
 const ARG0: usize = 16;
 const ARG1: usize = 24;
+const ARG2: usize = 32;
 const RET: usize = 16;
+
+/// iovecs followed per vectored syscall: enough for HTTP heads and chunk framing that
+/// servers write as several pieces (Node writes `size`, CRLF, data, CRLF in one writev).
+const MAX_IOVECS: u64 = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -29,48 +34,92 @@ struct Iovec {
     len: u64,
 }
 
-/// Stores the syscall's fd and buffer argument for the exit probe, if the thread is selected.
+/// Stores the syscall's fd and buffer arguments for the exit probe, if the thread is selected.
 #[inline(always)]
 fn enter(ctx: &TracePointContext, syscall: Syscall, direction: u32) -> u32 {
     if !selected() {
         return 0;
     }
     // SAFETY: offsets from the tracepoint format; read_at uses bpf_probe_read_kernel.
-    let (fd, arg) = unsafe {
-        (ctx.read_at::<i64>(ARG0).unwrap_or(-1), ctx.read_at::<u64>(ARG1).unwrap_or(0))
+    let (fd, arg, count_arg) = unsafe {
+        (
+            ctx.read_at::<i64>(ARG0).unwrap_or(-1),
+            ctx.read_at::<u64>(ARG1).unwrap_or(0),
+            ctx.read_at::<u64>(ARG2).unwrap_or(0),
+        )
     };
-    let inflight = Inflight { syscall: syscall as u32, direction, fd, arg, sock: 0 };
+    let inflight = Inflight {
+        syscall: syscall as u32,
+        direction,
+        fd,
+        arg,
+        count: count_arg,
+        sock: 0,
+        enter_ns: unsafe { bpf_ktime_get_ns() },
+    };
     if INFLIGHT.insert(&bpf_get_current_pid_tgid(), &inflight, 0).is_err() {
         count(Counter::InflightMapFull);
     }
     0
 }
 
-/// Finds the first iovec's buffer and length for the vectored syscalls.
+/// Where the bytes of this syscall live in user memory: an iovec array and its length. Plain
+/// buffers are one iovec; `None` when there is nothing to copy (sendfile).
 #[inline(always)]
-fn first_iovec(iov: u64) -> Option<Iovec> {
-    // SAFETY: user pointer read through the helper, which fails safely on bad addresses.
-    unsafe { bpf_probe_read_user(iov as *const Iovec).ok() }
+fn iovecs(inflight: &Inflight, ret: u64) -> Option<(u64, u64, Option<Iovec>)> {
+    match inflight.syscall {
+        s if s == Syscall::Readv as u32 || s == Syscall::Writev as u32 => Some((inflight.arg, inflight.count, None)),
+        s if s == Syscall::Recvmsg as u32 || s == Syscall::Sendmsg as u32 => {
+            // struct user_msghdr: msg_name, msg_namelen (+pad), msg_iov at 16, msg_iovlen at 24.
+            // SAFETY: user pointers read through the helper, which fails safely on bad addresses.
+            let iov = unsafe { bpf_probe_read_user((inflight.arg + 16) as *const u64).ok()? };
+            let len = unsafe { bpf_probe_read_user((inflight.arg + 24) as *const u64).ok()? };
+            Some((iov, len, None))
+        }
+        s if s == Syscall::Sendfile as u32 => None,
+        _ => Some((0, 1, Some(Iovec { base: inflight.arg, len: ret }))),
+    }
 }
 
-/// Resolves where the bytes of this syscall live in user memory: (pointer, length available).
+/// Copies up to `want` bytes from the syscall's buffers into `payload`. Returns the bytes
+/// copied, or `None` when a copy from user memory failed.
 #[inline(always)]
-fn user_buffer(inflight: &Inflight, ret: u64) -> Option<(u64, u64)> {
-    match inflight.syscall {
-        s if s == Syscall::Readv as u32 || s == Syscall::Writev as u32 => {
-            let v = first_iovec(inflight.arg)?;
-            Some((v.base, v.len))
+fn copy_payload(inflight: &Inflight, ret: u64, want: u64, payload: &mut [u8; 2 * MAX_PAYLOAD]) -> Option<u64> {
+    let (array, n_iov, single) = iovecs(inflight, ret)?;
+    let mut off: u64 = 0;
+    for i in 0..MAX_IOVECS {
+        if i >= n_iov || off >= want {
+            break;
         }
-        s if s == Syscall::Recvmsg as u32 || s == Syscall::Sendmsg as u32 => {
-            // struct user_msghdr: msg_name, msg_namelen (+pad), msg_iov at offset 16.
+        let v = match single {
+            Some(v) => v,
             // SAFETY: user pointer read through the helper.
-            let iov = unsafe { bpf_probe_read_user((inflight.arg + 16) as *const u64).ok()? };
-            let v = first_iovec(iov)?;
-            Some((v.base, v.len))
+            None => unsafe { bpf_probe_read_user((array + i * 16) as *const Iovec).ok()? },
+        };
+        let mut n = want - off;
+        if v.len < n {
+            n = v.len;
         }
-        s if s == Syscall::Sendfile as u32 => Some((0, 0)),
-        _ => Some((inflight.arg, ret)),
+        if n > MAX_PAYLOAD as u64 {
+            n = MAX_PAYLOAD as u64;
+        }
+        // off < want <= MAX_PAYLOAD: the mask only shows the verifier the bound, and the buffer
+        // is twice MAX_PAYLOAD so that offset + length always fits.
+        let at = (off & (MAX_PAYLOAD as u64 - 1)) as usize;
+        // SAFETY: at + n <= 2 * MAX_PAYLOAD; the helper checks the user pointer.
+        let rc = unsafe {
+            generated::bpf_probe_read_user(
+                payload.as_mut_ptr().add(at).cast(),
+                n as u32,
+                v.base as *const core::ffi::c_void,
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
+        off += n;
     }
+    Some(off)
 }
 
 /// Emits a data event for a finished syscall that moved bytes on a TCP socket.
@@ -106,33 +155,24 @@ fn exit(ctx: &TracePointContext) -> u32 {
     // SAFETY: per-CPU scratch owned by this program invocation.
     let scratch: &mut Scratch = unsafe { &mut *scratch };
     let ret = ret as u64;
-    let mut captured: u64 = 0;
-    if let Some((ptr, avail)) = user_buffer(&inflight, ret).filter(|&(_, avail)| avail > 0) {
-        // SAFETY: read of a load-time constant.
-        let cap = u64::from(unsafe { core::ptr::read_volatile(&PAYLOAD_CAP) });
-        let mut n = if ret < avail { ret } else { avail };
-        if n > cap {
-            n = cap;
-        }
-        if n > MAX_PAYLOAD as u64 {
-            n = MAX_PAYLOAD as u64;
-        }
-        // SAFETY: n <= MAX_PAYLOAD = the scratch payload size; the helper checks the user pointer.
-        let rc = unsafe {
-            generated::bpf_probe_read_user(
-                scratch.payload.as_mut_ptr().cast(),
-                n as u32,
-                ptr as *const core::ffi::c_void,
-            )
-        };
-        if rc == 0 {
-            captured = n;
-        } else {
-            count(Counter::PayloadReadFailed);
-        }
-    } else if inflight.syscall != Syscall::Sendfile as u32 {
-        count(Counter::PayloadReadFailed);
+    // SAFETY: read of a load-time constant.
+    let mut want = u64::from(unsafe { core::ptr::read_volatile(&PAYLOAD_CAP) });
+    if ret < want {
+        want = ret;
     }
+    if want > MAX_PAYLOAD as u64 {
+        want = MAX_PAYLOAD as u64;
+    }
+    let captured = match copy_payload(&inflight, ret, want, &mut scratch.payload) {
+        Some(n) => n,
+        None => {
+            count(Counter::PayloadReadFailed);
+            0
+        }
+    };
+    // Writes are stamped when they start and reads when they return: on loopback the peer can
+    // read the bytes before write() returns, and a span must never end after the one it caused.
+    let ts = if inflight.direction == DIR_EGRESS { inflight.enter_ns } else { ts };
     fill_header(&mut scratch.header, EventKind::Data, inflight.direction, pid_tgid, inflight.sock, ts);
     scratch.header.total_len = if ret > u64::from(u32::MAX) { u32::MAX } else { ret as u32 };
     scratch.header.captured_len = captured as u32;

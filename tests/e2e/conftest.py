@@ -7,9 +7,10 @@
     otlp_receiver -> OtlpReceiver      gRPC + HTTP/protobuf OTLP receiver on 127.0.0.1
     fastapi_service(cgroup=None, env=None, label="fastapi") -> ServiceProcess
                                        uvicorn + apps/fastapi_app.py on a free port, answering
-    tapwire(cgroups, env=None, label="tapwire") -> TapwireProcess
-                                       `tapwire run --cgroup ...` past `capture ready`; SIGTERM and
-                                       exit code 0 asserted at teardown
+    tapwire(cgroups, env=None, label="tapwire", args=None) -> TapwireProcess
+                                       `tapwire run --cgroup ... [args]` past `capture ready`;
+                                       SIGTERM and exit code 0 asserted at teardown
+    attach_log(title, text)            text() goes into this test's failure report
 
 Teardown order is fixed by the dependencies: tapwire stops first (while the receiver still
 listens, so its final flush has somewhere to go), then the receiver, services and cgroups.
@@ -51,6 +52,13 @@ def pytest_runtest_makereport(item, call):
             except Exception as err:  # noqa: BLE001 (a report must never break on a log)
                 report.sections.append((title, f"(cannot read: {err})"))
     return report
+
+
+@pytest.fixture
+def attach_log(request) -> Callable[[str, Callable[[], str]], None]:
+    """attach_log(title, text): text() is added to this test's report if it fails. For processes
+    that outlive one test (module-scoped services and agents), attach them in each test."""
+    return lambda title, text: _attach_log(request, title, text)
 
 
 # ---- environment preconditions (fail, never skip) --------------------------------------------
@@ -183,9 +191,10 @@ def otlp_receiver(request) -> OtlpReceiver:
 @pytest.fixture
 def tapwire(request, tmp_path, tapwire_bin, otlp_receiver, cgroup, fastapi_service
             ) -> Callable[..., procs.TapwireProcess]:
-    """Factory: tapwire(cgroups, env=None, label="tapwire") -> TapwireProcess (ready).
+    """Factory: tapwire(cgroups, env=None, label="tapwire", args=None) -> TapwireProcess (ready).
 
     `cgroups` are paths (absolute, or relative to the cgroup2 mount) passed as --cgroup each;
+    `args` are more `tapwire run` arguments (e.g. ["--prometheus-listen", "127.0.0.1:9464"]);
     `env` is added to the scrubbed environment (use otlp_receiver.exporter_env(protocol) to export
     to the receiver; without it tapwire prints spans to stdout). At teardown every agent still
     running gets SIGTERM and must exit 0 within 15 s.
@@ -194,9 +203,9 @@ def tapwire(request, tmp_path, tapwire_bin, otlp_receiver, cgroup, fastapi_servi
     serial = itertools.count()
 
     def start(cgroups: list[Path | str], env: dict[str, str] | None = None,
-              label: str = "tapwire") -> procs.TapwireProcess:
+              label: str = "tapwire", args: list[str] | None = None) -> procs.TapwireProcess:
         agent = procs.TapwireProcess(tapwire_bin, [str(c) for c in cgroups], procs.base_env(env),
-                                     tmp_path, label=f"{label}-{next(serial)}")
+                                     tmp_path, label=f"{label}-{next(serial)}", extra_args=args)
         _attach_log(request, f"{agent.label} logs", agent.diagnostics)
         agent.start()  # raises with the stderr if it exits or never gets ready (then it is gone)
         agents.append(agent)

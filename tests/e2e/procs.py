@@ -52,6 +52,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_dual_port(attempts: int = 20) -> int:
+    """A TCP port free a moment ago on both 127.0.0.1 and [::1] (callers retry on a bind race)."""
+    for _ in range(attempts):
+        port = free_port()
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+                sock.bind(("::1", port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no port free on both 127.0.0.1 and [::1] in {attempts} attempts")
+
+
 def exe_name(pid: int) -> str:
     """Base name of /proc/PID/exe's target: what semconv's process.executable.name means on Linux."""
     return os.path.basename(os.readlink(f"/proc/{pid}/exe"))
@@ -160,6 +173,10 @@ class ServiceProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        """http://HOST:PORT/path, with an IPv6 HOST in brackets."""
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}{path}"
+
     def diagnostics(self, lines: int = 40) -> str:
         return f"--- {self.label} output, last {lines} lines ---\n{tail(self.log_path, lines)}"
 
@@ -207,6 +224,41 @@ def start_uvicorn(app: str, log_dir: Path, label: str, cgroup: Path | None = Non
     raise AssertionError(f"could not start {label} in {attempts} attempts\n{last_error}")
 
 
+def start_http_service(argv_for_port, log_dir: Path, label: str, cgroup: Path | None = None,
+                       env: dict[str, str] | None = None,
+                       hosts: tuple[str, ...] = ("127.0.0.1", "::1"),
+                       ready_timeout: float = 30.0, attempts: int = 3) -> ServiceProcess:
+    """Starts any HTTP service, `argv_for_port(port)`, on a port free on every one of `hosts`.
+
+    Returns once GET /hello answers 200 on each host. Like start_uvicorn: the readiness requests
+    are real HTTP requests, so start services *before* the agent.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    last_error = ""
+    for attempt in range(attempts):
+        port = free_dual_port() if any(":" in h for h in hosts) else free_port()
+        argv = [str(a) for a in argv_for_port(port)]
+        log_path = log_dir / f"{label}.log"
+        full_env = base_env({"PYTHONUNBUFFERED": "1", **(env or {})})
+        with open(log_path, "ab") as log:
+            log.write(f"$ {' '.join(argv)}\n".encode())
+            log.flush()
+            if cgroup is None:
+                proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+            else:
+                proc = cgroupfs.popen_in_cgroup(cgroup, argv, env=full_env, stdout=log,
+                                                stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL)
+        service = ServiceProcess(proc, port, label, log_path, cgroup)
+        if all(_wait_ready_on(service, ready_timeout, host) for host in hosts):
+            return service
+        service.stop()
+        last_error = (f"attempt {attempt + 1}: {label} on port {port} not ready on {hosts} "
+                      f"(exit code {proc.returncode})\n{service.diagnostics()}")
+    raise AssertionError(f"could not start {label} in {attempts} attempts\n{last_error}")
+
+
 def _wait_http_ready(service: ServiceProcess, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -219,3 +271,24 @@ def _wait_http_ready(service: ServiceProcess, timeout: float) -> bool:
             pass
         time.sleep(0.1)
     return False
+
+
+def _wait_ready_on(service: ServiceProcess, timeout: float, host: str) -> bool:
+    """Like _wait_http_ready, on `host` (IPv4 or IPv6), with no proxy and no kept connection."""
+    deadline = time.monotonic() + timeout
+    session = requests.Session()
+    session.trust_env = False  # loopback only, whatever proxy the environment names
+    try:
+        while time.monotonic() < deadline:
+            if service.proc.poll() is not None:
+                return False
+            try:
+                if session.get(service.url("/hello", host), timeout=1,
+                               headers={"Connection": "close"}).status_code == 200:
+                    return True
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        return False
+    finally:
+        session.close()

@@ -150,7 +150,8 @@ pub struct EventHeader {
     pub cgroup_id: u64,
     /// Address of the kernel `struct sock`: identifies the connection while it lives.
     pub sock: u64,
-    /// CLOCK_MONOTONIC nanoseconds at syscall exit (close: at entry).
+    /// CLOCK_MONOTONIC nanoseconds: reads at syscall exit (the bytes are there), writes at
+    /// syscall entry (the peer may read them before write() returns), close at entry.
     pub ts_ns: u64,
     /// Bytes the syscall moved (its return value).
     pub total_len: u32,

@@ -1,0 +1,3 @@
+module tapwire-e2e/goserver
+
+go 1.19

@@ -22,12 +22,7 @@ use crate::{
         metrics::{resolve_metrics_config, spawn_metrics},
         prometheus::{PrometheusServer, PrometheusState},
     },
-    metrics::{
-        agent::{AgentGauge, agent_metrics, agent_resource},
-        model::Snapshot,
-        now_unix_nano,
-        red::{RedConfig, RedMetrics},
-    },
+    metrics::collect::Collectors,
     telemetry::Counters,
 };
 
@@ -126,7 +121,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let counters = Arc::new(Counters::default());
     let export_config = export::resolve_config(args.exporter)?;
     let exporter = export::spawn(export_config, counters.clone()).context("while starting the span exporter")?;
-    let started_unix_nano = now_unix_nano();
     let metrics_config = resolve_metrics_config(args.exporter)?.with_prometheus_listen(args.prometheus_listen);
     let prometheus = Arc::new(PrometheusState::new());
     let mut prometheus_task = None;
@@ -136,20 +130,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         prometheus_task = Some(tokio::spawn(server.run(prometheus.clone())));
     }
     let metrics_exporter = spawn_metrics(metrics_config, counters.clone()).context("while starting the metrics exporter")?;
-    let mut red = RedMetrics::new(RedConfig::default(), counters.clone());
-    let agent_res = agent_resource();
-    let snapshot = |red: &mut RedMetrics, span_queue: usize| -> Snapshot {
-        let now = now_unix_nano();
-        let mut snap = red.snapshot(now);
-        snap.push(agent_metrics(
-            &counters,
-            &agent_res,
-            started_unix_nano,
-            now,
-            &[AgentGauge::export_queue_size(span_queue), AgentGauge::metric_series(red.series_count())],
-        ));
-        snap
-    };
+    let mut collectors = Collectors::new(counters.clone());
     let push_every = metrics_exporter.interval();
     let mut push = tokio::time::interval_at(tokio::time::Instant::now() + push_every, push_every);
 
@@ -182,15 +163,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             r = reader.read_batch(&mut events, &counters, 1024) => {
                 r.context("while reading the ring buffer")?;
                 for event in events.drain(..) {
+                    collectors.on_event(&event, &mut resources);
                     correlator.on_event(event, &mut resources, &mut spans);
                 }
                 for span in spans.drain(..) {
-                    red.record(&span);
+                    collectors.on_span(&span);
                     exporter.send(span);
                 }
             }
             _ = push.tick(), if metrics_exporter.pushes() => {
-                metrics_exporter.export(snapshot(&mut red, exporter.queue_len()));
+                collectors.set_active_requests(&correlator.active_server_requests());
+                metrics_exporter.export(collectors.snapshot(&ids, &mut resources, exporter.queue_len()));
             }
             _ = tick.tick() => {
                 let now = selection.scan();
@@ -203,11 +186,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 correlator.expire(monotonic_ns(), &mut resources, &mut spans);
                 for span in spans.drain(..) {
-                    red.record(&span);
+                    collectors.on_span(&span);
                     exporter.send(span);
                 }
                 if prometheus_task.is_some() {
-                    prometheus.update(snapshot(&mut red, exporter.queue_len()));
+                    collectors.set_active_requests(&correlator.active_server_requests());
+                    prometheus.update(collectors.snapshot(&ids, &mut resources, exporter.queue_len()));
                 }
                 if let Ok(k) = probes.kernel_counters() {
                     let lost = k[tapwire_common::Counter::RingbufFull as usize];
@@ -230,19 +214,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Take what the kernel already queued, then detach everything before flushing.
     while let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(50), reader.read_batch(&mut events, &counters, 4096)).await {
         for event in events.drain(..) {
+            collectors.on_event(&event, &mut resources);
             correlator.on_event(event, &mut resources, &mut spans);
         }
     }
     drop(reader);
     drop(probes);
     for span in spans.drain(..) {
-        red.record(&span);
+        collectors.on_span(&span);
         exporter.send(span);
     }
     exporter.shutdown(Duration::from_secs(10)).await;
     // After the span exporter, so that the agent's own counters in the last snapshot are final.
     if metrics_exporter.pushes() {
-        metrics_exporter.export(snapshot(&mut red, 0));
+        metrics_exporter.export(collectors.snapshot(&ids, &mut resources, 0));
     }
     metrics_exporter.shutdown(Duration::from_secs(5)).await;
     if let Some(task) = prometheus_task {

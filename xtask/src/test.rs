@@ -71,11 +71,14 @@ fn run_steps(opts: &Options, steps: &mut Vec<Step>) -> Result<()> {
     if opts.unit {
         // --release: the dependencies are then shared with the release build below.
         let _ = step(steps, "cargo test --release --workspace", || {
+            // As root the unit tests marked `#[ignore = "needs root: ..."]` run too (CI is root).
+            let ignored: &[&str] = if workspace::is_root() { &["--", "--include-ignored"] } else { &[] };
             run(
                 TAG,
                 Command::new("cargo")
                     .current_dir(workspace::root())
                     .args(["test", "--release", "--workspace"])
+                    .args(ignored)
                     .env_remove("TAPWIRE_SKIP_EBPF")
                     .env_remove("AYA_BUILD_SKIP"),
             )

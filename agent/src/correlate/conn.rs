@@ -67,6 +67,15 @@ impl Conn {
             }
     }
 
+    /// The service and the methods of the requests this process has read and not yet answered
+    /// (server side only): `http.server.active_requests`.
+    pub fn active_server_requests(&self) -> Option<(&Arc<Resource>, impl Iterator<Item = &str>)> {
+        match &self.phase {
+            Phase::Http(h) if h.side == Side::Server => Some((&self.resource, h.exchanges.methods())),
+            _ => None,
+        }
+    }
+
     #[cfg(test)]
     pub fn is_ignored(&self) -> bool {
         matches!(self.phase, Phase::Ignored)

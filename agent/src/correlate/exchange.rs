@@ -76,6 +76,14 @@ impl Exchanges {
         self.real
     }
 
+    /// Methods of the kept requests still waiting for the end of their response.
+    pub fn methods(&self) -> impl Iterator<Item = &str> {
+        self.slots.iter().filter_map(|slot| match slot {
+            Slot::Real(e) => Some(e.request.method.as_str()),
+            Slot::Dropped(_) => None,
+        })
+    }
+
     /// Entries in the queue, dropped runs counting one each (bounded by about twice the cap).
     #[cfg(test)]
     pub fn slots(&self) -> usize {

@@ -33,7 +33,7 @@ use crate::{
     capture::event::{DataEvent, Event},
     clock::Clock,
     discover::ResourceLookup,
-    model::Span,
+    model::{Resource, Span},
     protocols::http1::{ParseError, StreamConfig},
     telemetry::Counters,
 };
@@ -220,6 +220,29 @@ impl Correlator {
             // TCP retransmits and resets feed the network metrics, not spans.
             Event::Tcp { .. } => {}
         }
+    }
+
+    /// Requests read and not yet answered, per service and (normalised) method.
+    pub fn active_server_requests(&self) -> Vec<(Arc<Resource>, Vec<(String, i64)>)> {
+        let mut out: Vec<(Arc<Resource>, Vec<(String, i64)>)> = Vec::new();
+        for conn in self.table.values() {
+            let Some((resource, methods)) = conn.active_server_requests() else { continue };
+            let i = match out.iter().position(|(r, _)| Arc::ptr_eq(r, resource) || r == resource) {
+                Some(i) => i,
+                None => {
+                    out.push((resource.clone(), Vec::new()));
+                    out.len() - 1
+                }
+            };
+            for method in methods {
+                let method = span::normalise_method(method);
+                match out[i].1.iter_mut().find(|(m, _)| m == method) {
+                    Some((_, n)) => *n += 1,
+                    None => out[i].1.push((method.to_owned(), 1)),
+                }
+            }
+        }
+        out
     }
 
     /// Expires idle connections (now = CLOCK_MONOTONIC ns), ending their in-flight exchanges

@@ -67,7 +67,6 @@ impl<K: Hash + Eq + Clone, V> LruTable<K, V> {
         Some((key, value))
     }
 
-    #[cfg(test)]
     pub fn values(&self) -> impl Iterator<Item = &V> {
         self.map.values().map(|(_, v)| v)
     }

@@ -10,6 +10,7 @@
 //! `export::metrics` and `export::prometheus` (both merge resources that are equal by value).
 
 pub mod agent;
+pub mod collect;
 pub mod model;
 pub mod net;
 pub mod process;

@@ -80,6 +80,7 @@ fn role_index(role: Role) -> usize {
 }
 
 impl NetMetrics {
+    /// Empty counters with the given limits.
     pub fn new(config: NetConfig) -> Self {
         NetMetrics { config, series: HashMap::new(), open: HashMap::new(), tick: 0, evicted: 0 }
     }

@@ -24,11 +24,13 @@ use crate::{
 /// One process of a watched service, as found by a scan of the selected cgroups.
 #[derive(Clone, Debug)]
 pub struct WatchedProcess {
+    /// Process id (thread group id) as the agent sees it.
     pub pid: u32,
     /// Id (directory inode) of the cgroup v2 the process is in.
     pub cgroup_id: u64,
     /// That cgroup's directory, e.g. `/sys/fs/cgroup/unified/shop/web`.
     pub cgroup_path: PathBuf,
+    /// The process's service identity (from [`ResourceLookup`]).
     pub resource: Arc<Resource>,
 }
 
@@ -122,6 +124,7 @@ impl ProcessMetrics {
         Self::with_sources(Sources::host())
     }
 
+    /// Reads the given sources (fixtures in tests).
     pub fn with_sources(src: Sources) -> Self {
         ProcessMetrics { src, procs: HashMap::new(), cgroups: HashMap::new() }
     }
@@ -794,8 +797,10 @@ pub(super) mod tests {
 
     #[test]
     fn child_burning_cpu_for_300ms_shows_up() {
-        let mut child = std::process::Command::new("sh").args(["-c", "while :; do :; done"]).spawn().unwrap();
+        let child = std::process::Command::new("sh").args(["-c", "while :; do :; done"]).spawn().unwrap();
         let pid = child.id();
+        // Killed however the test ends.
+        let cleanup = Cleanup { children: vec![child], dirs: Vec::new() };
         let procs = vec![WatchedProcess { pid, cgroup_id: 0, cgroup_path: PathBuf::from("/nonexistent"), resource: res("burn", pid) }];
         let mut pm = ProcessMetrics::new();
         let cpus = pm.src.cpus;
@@ -810,8 +815,7 @@ pub(super) mod tests {
         let sched1 = schedstat_s(pid);
         let w1 = now_unix_nano();
         let snap = pm.collect(&procs, w1);
-        child.kill().unwrap();
-        child.wait().unwrap();
+        drop(cleanup);
         let (burnt, expected) = (cpu_seconds(&snap) - before, sched1 - sched0);
         assert!(expected >= 0.3, "the child only got {expected:.3} s of CPU in 20 s");
         assert!((0.5 * expected..=2.0 * expected).contains(&burnt), "process.cpu.time grew {burnt:.3} s, scheduler says {expected:.3} s");
@@ -822,20 +826,42 @@ pub(super) mod tests {
         assert!(total > 0.0 && total <= 1.0, "{total}");
     }
 
+    /// Children and cgroups of a root test, cleaned up even when an assertion fails.
+    struct Cleanup {
+        children: Vec<std::process::Child>,
+        dirs: Vec<PathBuf>,
+    }
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for c in &mut self.children {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            for d in self.dirs.iter().rev() {
+                let _ = fs::remove_dir(d);
+            }
+        }
+    }
+
     /// Needs root and this project's hybrid layout (v2 at /sys/fs/cgroup/unified, v1 memory at
-    /// /sys/fs/cgroup/memory): a child in a v2 group only (no memory), then also in the v1 memory
-    /// group of the same path (memory from v1).
+    /// /sys/fs/cgroup/memory): a child in a v2 group only (CPU, no memory), then a child also in
+    /// the v1 memory group of the same path (memory from v1).
     #[test]
     #[ignore = "needs root: creates cgroups"]
     fn real_hybrid_cgroup() {
-        use std::os::unix::fs::MetadataExt;
+        use std::{io::Write as _, os::unix::fs::MetadataExt, process::Stdio};
         let name = format!("tapwire-test-{}", std::process::id());
         let (v2, v1) = (Path::new("/sys/fs/cgroup/unified").join(&name), Path::new("/sys/fs/cgroup/memory").join(&name));
+        let mut cleanup = Cleanup { children: Vec::new(), dirs: Vec::new() };
         fs::create_dir(&v2).unwrap();
-        let mut child = std::process::Command::new("sh").args(["-c", "while :; do :; done"]).spawn().unwrap();
-        let pid = child.id();
+        cleanup.dirs.push(v2.clone());
+        cleanup.children.push(std::process::Command::new("sh").args(["-c", "while :; do :; done"]).spawn().unwrap());
+        let pid = cleanup.children[0].id();
         fs::write(v2.join("cgroup.procs"), pid.to_string()).unwrap();
-        let procs = vec![WatchedProcess { pid, cgroup_id: fs::metadata(&v2).unwrap().ino(), cgroup_path: v2.clone(), resource: res("burn", pid) }];
+        let cgroup_id = fs::metadata(&v2).unwrap().ino();
+        let procs = vec![WatchedProcess { pid, cgroup_id, cgroup_path: v2.clone(), resource: res("burn", pid) }];
         let mut pm = ProcessMetrics::new();
         let cg_cpu = |snap: &Snapshot| {
             let m = find(&snap[1], "container.cpu.time").unwrap();
@@ -844,24 +870,38 @@ pub(super) mod tests {
         let snap0 = pm.collect(&procs, now_unix_nano());
         let sched0 = schedstat_s(pid);
         assert!(find(&snap0[1], "container.memory.usage").is_none(), "the child is in the v1 memory root");
-        while schedstat_s(pid) - sched0 < 0.3 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while schedstat_s(pid) - sched0 < 0.3 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         let sched1 = schedstat_s(pid);
         let snap1 = pm.collect(&procs, now_unix_nano());
         let (grew, expected) = (cg_cpu(&snap1) - cg_cpu(&snap0), sched1 - sched0);
         assert!((grew - expected).abs() < 0.1 * expected, "cgroup cpu grew {grew:.3} s, scheduler says {expected:.3} s");
+        let mut burner = cleanup.children.remove(0);
+        burner.kill().unwrap();
+        burner.wait().unwrap();
+
+        // v1 charges do not move with a task: the child allocates (exec) after joining.
         fs::create_dir(&v1).unwrap();
-        // v1 charges stay with the old group unless told to move with the task.
-        fs::write(v1.join("memory.move_charge_at_immigrate"), "3").unwrap();
+        cleanup.dirs.push(v1.clone());
+        cleanup.children.push(std::process::Command::new("sh").args(["-c", "read x; exec cat"]).stdin(Stdio::piped()).spawn().unwrap());
+        let pid = cleanup.children[0].id();
+        fs::write(v2.join("cgroup.procs"), pid.to_string()).unwrap();
         fs::write(v1.join("cgroup.procs"), pid.to_string()).unwrap();
-        let snap2 = pm.collect(&procs, now_unix_nano());
-        child.kill().unwrap();
-        child.wait().unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        let _ = fs::remove_dir(&v2);
-        let _ = fs::remove_dir(&v1);
-        let Number::Int(mem) = value(find(&snap2[1], "container.memory.usage").unwrap(), "", "") else { panic!() };
-        assert!((1..1 << 30).contains(&mem), "{mem}");
+        cleanup.children[0].stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+        let procs = vec![WatchedProcess { pid, cgroup_id, cgroup_path: v2.clone(), resource: res("mem", pid) }];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mem = loop {
+            let snap = pm.collect(&procs, now_unix_nano());
+            let mem = find(&snap[1], "container.memory.usage").map(|m| value(m, "", ""));
+            if matches!(mem, Some(Number::Int(m)) if m > 0) || Instant::now() > deadline {
+                break mem;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let Some(Number::Int(mem)) = mem else { panic!("no container.memory.usage: {mem:?}") };
+        let reported = fs::read_to_string(v1.join("memory.usage_in_bytes")).unwrap();
+        assert!((1..1 << 30).contains(&mem), "{mem} (memory.usage_in_bytes now {reported})");
     }
 }

@@ -54,12 +54,22 @@ pub struct RunArgs {
     /// Where spans go: `auto` = OTLP when an OTEL_EXPORTER_OTLP_*ENDPOINT is set, else console.
     #[arg(long, env = "TAPWIRE_EXPORTER", value_enum, default_value_t = ExporterChoice::Auto)]
     pub exporter: ExporterChoice,
+    /// Route template for `http.route`, e.g. `/users/{id}` or `/static/*`; tried in order before
+    /// the built-in heuristic (identifier-like segments become `{id}`). Repeatable; the
+    /// environment variable takes a comma-separated list.
+    #[arg(long = "route", env = "TAPWIRE_ROUTES", value_name = "PATTERN", value_delimiter = ',',
+          value_parser = parse_route)]
+    pub routes: Vec<crate::correlate::route::Pattern>,
     /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz), e.g. 0.0.0.0:9464.
     #[arg(long, env = "TAPWIRE_PROMETHEUS_LISTEN", value_name = "ADDR")]
     pub prometheus_listen: Option<std::net::SocketAddr>,
 }
 
 pub use crate::export::ExporterChoice;
+
+fn parse_route(s: &str) -> Result<crate::correlate::route::Pattern, String> {
+    crate::correlate::route::Pattern::parse(s.trim()).map_err(|e| e.to_string())
+}
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -141,7 +151,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut resources = ProcResources::new();
     resources.set_cgroups(ids.clone());
     let mut reader = RingReader::new(probes.take_ring()?).context("while setting up the ring-buffer reader")?;
-    let mut correlator = Correlator::new(CorrelateConfig::default(), Clock::measure(), counters.clone());
+    let correlate_config = CorrelateConfig { route_patterns: args.routes.clone(), ..CorrelateConfig::default() };
+    let mut correlator = Correlator::new(correlate_config, Clock::measure(), counters.clone());
 
     tracing::info!(
         cgroups = ids.len(),

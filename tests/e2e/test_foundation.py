@@ -367,6 +367,29 @@ def test_console_exporter_by_default(cgroup, fastapi_service, tapwire):
         f"CLIENT lines, expected none (the clients are outside the cgroup):\n{stdout}"
 
 
+def test_configured_routes_win_over_the_heuristic(cgroup, fastapi_service, tapwire, otlp_receiver):
+    """TAPWIRE_ROUTES (same as --route) names routes; paths no pattern matches fall back to the
+    identifier heuristic."""
+    cg = cgroup("routes")
+    service = fastapi_service(cg, label="routes")
+    env = otlp_receiver.exporter_env("http/protobuf")
+    env["TAPWIRE_ROUTES"] = "/items/{item_id},/static/*"
+    tapwire([str(cg)], env=env)
+    exchanges = [curl_get(f"{service.base_url}/items/7?delay_ms=1", "tapwire-e2e-routes/0"),
+                 curl_get(f"{service.base_url}/hello", "tapwire-e2e-routes/1")]
+    assert [e.status for e in exchanges] == [200, 200]
+    spans = otlp_receiver.wait_for_spans(2, 20)
+    got = sorted((s["name"], s["attributes"].get("http.route")) for s in spans)
+    assert got == [("GET /hello", "/hello"), ("GET /items/{item_id}", "/items/{item_id}")], got
+
+
+def test_bad_route_pattern_is_a_clear_error(tapwire_bin, cgroup):
+    result = subprocess.run([tapwire_bin, "run", "--cgroup", str(cgroup("badroute")), "--route", "users/{id}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "users/{id}" in result.stderr and "must start with '/'" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 def test_sigterm_flushes_pending_spans(protocol, cgroup, fastapi_service, tapwire,
                                        otlp_receiver):

@@ -98,6 +98,9 @@ pub(crate) enum Side {
     Client,
 }
 
+/// A service and how many requests of each method it has read and not yet answered.
+pub type ActiveRequests = (Arc<Resource>, Vec<(String, i64)>);
+
 /// Connection identity: (pid, kernel `struct sock` address).
 type ConnKey = (u32, u64);
 
@@ -223,8 +226,8 @@ impl Correlator {
     }
 
     /// Requests read and not yet answered, per service and (normalised) method.
-    pub fn active_server_requests(&self) -> Vec<(Arc<Resource>, Vec<(String, i64)>)> {
-        let mut out: Vec<(Arc<Resource>, Vec<(String, i64)>)> = Vec::new();
+    pub fn active_server_requests(&self) -> Vec<ActiveRequests> {
+        let mut out: Vec<ActiveRequests> = Vec::new();
         for conn in self.table.values() {
             let Some((resource, methods)) = conn.active_server_requests() else { continue };
             let i = match out.iter().position(|(r, _)| Arc::ptr_eq(r, resource) || r == resource) {

@@ -167,37 +167,6 @@ impl Worker {
 
     fn account(&self, sent: usize, outcome: Result<(Result<Delivery, Failure>, u32), Failure>) {
         let c = &self.counters;
-        let (failure, attempts) = match outcome {
-            Ok((Ok(delivery), _)) => {
-                Counters::add(&c.spans_exported, delivery.accepted as u64);
-                Counters::add(&c.spans_failed, delivery.rejected as u64);
-                if let Some(message) = delivery.message
-                    && let Some(held_back) = self.limiter.check("partial_success")
-                {
-                    tracing::warn!(
-                        rejected = delivery.rejected,
-                        failed_total = Counters::get(&c.spans_failed),
-                        held_back,
-                        message,
-                        "the collector rejected part of a batch"
-                    );
-                }
-                return;
-            }
-            Ok((Err(failure), attempts)) => (failure, attempts),
-            Err(failure) => (failure, 0),
-        };
-        Counters::add(&c.spans_failed, sent as u64);
-        if let Some(held_back) = self.limiter.check(&failure.kind) {
-            tracing::warn!(
-                kind = failure.kind,
-                attempts,
-                spans = sent,
-                failed_total = Counters::get(&c.spans_failed),
-                held_back,
-                error = failure.message,
-                "span export failed"
-            );
-        }
+        super::account("spans", &c.spans_exported, &c.spans_failed, &self.limiter, sent, outcome);
     }
 }

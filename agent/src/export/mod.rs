@@ -184,3 +184,49 @@ pub fn spawn_with_policy(config: ExportConfig, counters: Arc<Counters>, policy: 
 mod test_support;
 #[cfg(test)]
 mod tests;
+
+/// Counts the outcome of one export of `sent` items (spans or metric points) in `exported` /
+/// `failed`, and logs failures and partial successes at most once per kind and interval.
+pub(crate) fn account(
+    what: &'static str,
+    exported: &std::sync::atomic::AtomicU64,
+    failed: &std::sync::atomic::AtomicU64,
+    limiter: &ratelimit::LogLimiter,
+    sent: usize,
+    outcome: Result<(Result<Delivery, otlp::retry::Failure>, u32), otlp::retry::Failure>,
+) {
+    let (failure, attempts) = match outcome {
+        Ok((Ok(delivery), _)) => {
+            Counters::add(exported, delivery.accepted as u64);
+            Counters::add(failed, delivery.rejected as u64);
+            if let Some(message) = delivery.message
+                && let Some(held_back) = limiter.check("partial_success")
+            {
+                tracing::warn!(
+                    what,
+                    rejected = delivery.rejected,
+                    failed_total = Counters::get(failed),
+                    held_back,
+                    message,
+                    "the collector rejected part of an export"
+                );
+            }
+            return;
+        }
+        Ok((Err(failure), attempts)) => (failure, attempts),
+        Err(failure) => (failure, 0),
+    };
+    Counters::add(failed, sent as u64);
+    if let Some(held_back) = limiter.check(&failure.kind) {
+        tracing::warn!(
+            what,
+            kind = failure.kind,
+            attempts,
+            items = sent,
+            failed_total = Counters::get(failed),
+            held_back,
+            error = failure.message,
+            "export failed"
+        );
+    }
+}

@@ -52,13 +52,13 @@ impl Collectors {
     /// Every finished span, before it is exported.
     pub fn on_span(&mut self, span: &Span) {
         self.red.record(span);
-        if span.kind == SpanKind::Server {
-            if let Some(crate::model::Value::Str(method)) = span.attributes.get("http.request.method") {
-                let method = method.clone();
-                let known = self.served(&span.resource);
-                if !known.contains(&method) {
-                    known.push(method);
-                }
+        if span.kind == SpanKind::Server
+            && let Some(crate::model::Value::Str(method)) = span.attributes.get("http.request.method")
+        {
+            let method = method.clone();
+            let known = self.served(&span.resource);
+            if !known.contains(&method) {
+                known.push(method);
             }
         }
     }
@@ -66,7 +66,7 @@ impl Collectors {
     /// Requests in flight per service and method (from the correlator), for
     /// `http.server.active_requests`; methods a service served before and has none of in
     /// flight now read 0.
-    pub fn set_active_requests(&mut self, active: &[(Arc<Resource>, Vec<(String, i64)>)]) {
+    pub fn set_active_requests(&mut self, active: &[crate::correlate::ActiveRequests]) {
         for (resource, methods) in active {
             let known = self.served(resource);
             for (m, _) in methods {

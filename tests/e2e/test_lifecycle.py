@@ -62,10 +62,14 @@ def start_agent(tapwire_bin, cgroup_path, tmp_path, label) -> tuple[procs.Tapwir
     agent = procs.TapwireProcess(tapwire_bin, [str(cgroup_path)],
                                  procs.base_env({"TAPWIRE_EXPORTER": "none"}), tmp_path, label=label)
     agent.start()
-    ids = programs_of(agent.pid)
-    loaded = loaded_programs()
-    names = sorted(loaded.get(i, "?") for i in ids)
-    assert names == sorted(HOOKS), f"expected every hook loaded once, got {names}"
+    try:
+        ids = programs_of(agent.pid)
+        loaded = loaded_programs()
+        names = sorted(loaded.get(i, "?") for i in ids)
+        assert names == sorted(HOOKS), f"expected every hook loaded once, got {names}"
+    except BaseException:
+        agent.kill()  # never leave an agent attached behind a failed check
+        raise
     return agent, ids
 
 

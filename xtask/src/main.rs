@@ -1,8 +1,10 @@
 //! `cargo xtask`: the project's build, test and demo entry points.
 //!
 //! setup (toolchain, bpf-linker, Debian packages, Python venv) -> build (agent with the real eBPF
-//! object) -> test (everything, what CI runs) / run (the agent, or a quick start demo).
+//! object) -> test (everything, what CI runs) / run (the agent, or a quick start demo) / bench
+//! (the overhead benchmark).
 
+mod bench;
 mod build;
 mod process;
 mod quickstart;
@@ -31,6 +33,15 @@ commands:
       -- ARGS           more pytest arguments
   run [-- ARGS]         setup and build, then `tapwire ARGS`; without ARGS, a quick start demo
                         (a small HTTP service in a cgroup, traced by tapwire; needs root)
+  bench [options]       setup and build, then the overhead benchmark (needs root; about 7 minutes):
+                        a FastAPI service with tapwire / with the OpenTelemetry SDK / with neither,
+                        nginx with tapwire selecting it or a neighbour, agent CPU and memory at
+                        fixed rates, connection churn; prints a table with the targets and writes
+                        target/bench/<timestamp>.json and target/bench/latest.json (bench/README.md)
+      --quick           2 pairs of short runs (about 2-3 minutes): a smoke test of the harness
+      --pairs N         runs without/with the agent per scenario (default 5)
+      --only LIST       some of the scenarios seed,nginx,rates,churn
+      --tapwire PATH    bench this agent binary instead of building the tree
   help                  this text";
 
 fn main() -> ExitCode {
@@ -84,6 +95,7 @@ fn dispatch(args: Vec<String>) -> Result<()> {
                 bail!("cannot run {}: {err}", binary.display())
             }
         }
+        "bench" => bench::bench(bench::options(rest)?),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())

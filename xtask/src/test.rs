@@ -84,6 +84,24 @@ fn run_steps(opts: &Options, steps: &mut Vec<Step>) -> Result<()> {
             )
         });
     }
+    if opts.unit {
+        // The benchmark harness's own parsers and verdicts (no load is run here).
+        let _ = step(steps, "bench harness tests", || {
+            run(
+                TAG,
+                Command::new("cargo")
+                    .current_dir(workspace::root())
+                    .args(["test", "--release", "--manifest-path", "bench/loadgen/Cargo.toml"])
+                    .env("CARGO_TARGET_DIR", workspace::root().join("target/bench-loadgen")),
+            )?;
+            run(
+                TAG,
+                Command::new(workspace::venv_python())
+                    .current_dir(workspace::root())
+                    .args(["-m", "pytest", "bench", "-q"]),
+            )
+        });
+    }
     if opts.e2e {
         let mut binary = None;
         step(steps, "build (release)", || {

@@ -9,7 +9,9 @@ the agent it checks. It serves:
   application/x-protobuf`, optional `Content-Encoding: gzip`.
 
 Every decoded request is stored. `spans()` flattens the stored trace requests into plain dicts and
-`wait_for_spans()` blocks (bounded) until a number of spans arrived.
+`wait_for_spans()` blocks (bounded) until a number of spans arrived. `metric_points()` flattens
+the stored metric requests into one dict per data point and `latest_metric_points()` keeps the
+newest point of each stream (what a cumulative metric stands at).
 
 Standalone, for manual runs against a locally started agent:
 
@@ -36,6 +38,7 @@ import grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 PROTOBUF_CONTENT_TYPE = "application/x-protobuf"
@@ -120,6 +123,71 @@ def flatten_trace_request(request: trace_service_pb2.ExportTraceServiceRequest,
                     "status_message": span.status.message,
                 })
     return spans
+
+
+TEMPORALITY_NAMES = {
+    metrics_pb2.AGGREGATION_TEMPORALITY_UNSPECIFIED: "UNSPECIFIED",
+    metrics_pb2.AGGREGATION_TEMPORALITY_DELTA: "DELTA",
+    metrics_pb2.AGGREGATION_TEMPORALITY_CUMULATIVE: "CUMULATIVE",
+}
+
+
+def flatten_metrics_request(request: metrics_service_pb2.ExportMetricsServiceRequest,
+                            transport: str = "", request_index: int = -1) -> list[dict[str, Any]]:
+    """One dict per data point, carrying its metric, resource and scope with it.
+
+    Every point has: transport, request_index, service_name, resource, scope_name, name, unit,
+    description, type ("sum" | "gauge" | "histogram" | "exponential_histogram" | "summary"),
+    temporality (name, "" for gauges), monotonic (sums only, else None), attributes, start_ns,
+    time_ns. Sums and gauges add `value` (int or float); histograms add count, sum, min, max
+    (None when absent), explicit_bounds and bucket_counts (per bucket, as sent: not cumulative).
+    """
+    points = []
+    for resource_metrics in request.resource_metrics:
+        resource = attributes(resource_metrics.resource.attributes)
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                kind = metric.WhichOneof("data")
+                data = getattr(metric, kind) if kind else None
+                base = {
+                    "transport": transport,
+                    "request_index": request_index,
+                    "service_name": resource.get("service.name"),
+                    "resource": resource,
+                    "scope_name": scope_metrics.scope.name,
+                    "name": metric.name,
+                    "unit": metric.unit,
+                    "description": metric.description,
+                    "type": kind,
+                    "temporality": "" if kind == "gauge" else TEMPORALITY_NAMES.get(
+                        getattr(data, "aggregation_temporality", 0), "?"),
+                    "monotonic": data.is_monotonic if kind == "sum" else None,
+                }
+                for point in (data.data_points if data is not None else []):
+                    out = dict(base, attributes=attributes(point.attributes),
+                               start_ns=point.start_time_unix_nano, time_ns=point.time_unix_nano)
+                    if kind in ("sum", "gauge"):
+                        which = point.WhichOneof("value")
+                        out["value"] = getattr(point, which) if which else None
+                    elif kind == "histogram":
+                        out.update(count=point.count,
+                                   sum=point.sum if point.HasField("sum") else None,
+                                   min=point.min if point.HasField("min") else None,
+                                   max=point.max if point.HasField("max") else None,
+                                   explicit_bounds=list(point.explicit_bounds),
+                                   bucket_counts=list(point.bucket_counts))
+                    else:
+                        out["raw"] = point
+                    points.append(out)
+    return points
+
+
+def metric_stream_key(point: dict[str, Any]) -> tuple:
+    """Identifies a metric stream: resource, scope, metric name and attribute set."""
+    def frozen(attrs: dict[str, Any]) -> tuple:
+        return tuple(sorted((k, repr(v)) for k, v in attrs.items()))
+    return (frozen(point["resource"]), point["scope_name"], point["name"],
+            frozen(point["attributes"]))
 
 
 def format_span(span: dict[str, Any]) -> str:
@@ -260,6 +328,26 @@ class OtlpReceiver:
         for index, req in enumerate(self.trace_requests()):
             out.extend(flatten_trace_request(req.message, req.transport, index))
         return out
+
+    def metric_points(self) -> list[dict[str, Any]]:
+        """Every received metric data point, flattened (flatten_metrics_request), in arrival
+        order."""
+        out = []
+        for index, req in enumerate(self.metric_requests()):
+            out.extend(flatten_metrics_request(req.message, req.transport, index))
+        return out
+
+    def latest_metric_points(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The newest point (by time_ns, then arrival) of every metric stream, optionally of one
+        metric `name`: for cumulative metrics, the current totals."""
+        latest: dict[tuple, dict[str, Any]] = {}
+        for point in self.metric_points():
+            if name is not None and point["name"] != name:
+                continue
+            key = metric_stream_key(point)
+            if key not in latest or point["time_ns"] >= latest[key]["time_ns"]:
+                latest[key] = point
+        return list(latest.values())
 
     def span_count(self) -> int:
         with self._cond:

@@ -9,13 +9,18 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tapwire_common::{
-    Counter, DIR_EGRESS, DIR_INGRESS, EventKind, HEADER_LEN, MAX_PAYLOAD, SockInfo, Syscall,
+    Counter, WAKEUP_BYTES, DIR_EGRESS, DIR_INGRESS, EventKind, HEADER_LEN, MAX_PAYLOAD, SockInfo, Syscall,
 };
 
 use crate::maps::{
     EVENTS, FD_SOCKS, INFLIGHT, Inflight, OWNERS, Owner, PAYLOAD_CAP, SCRATCH, SOCKS, Scratch, count,
     selected,
 };
+
+/// bpf_ringbuf_query / bpf_ringbuf_output flags (uapi bpf.h).
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 /// Offsets in the syscalls:* tracepoint records (see .../events/syscalls/*/format).
 const ARG0: usize = 16;
@@ -217,7 +222,10 @@ pub(crate) fn output(scratch: &Scratch, payload_len: usize) -> u32 {
     }
     // SAFETY: len <= size_of::<Scratch>(); the slice lives in the per-CPU map value.
     let bytes = unsafe { core::slice::from_raw_parts((scratch as *const Scratch).cast::<u8>(), len) };
-    match EVENTS.output::<[u8]>(bytes, 0) {
+    // Waking the agent for every record costs a context switch per syscall; it drains the ring
+    // on a short timer instead, and is woken early only when a backlog builds up.
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA) >= u64::from(WAKEUP_BYTES) { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    match EVENTS.output::<[u8]>(bytes, flags) {
         Ok(()) => count(Counter::EventsEmitted),
         Err(_) => count(Counter::RingbufFull),
     }

@@ -18,31 +18,44 @@ impl RingReader {
         Ok(RingReader { fd })
     }
 
-    /// Waits until the kernel has written records, then decodes up to `max` of them into `out`.
-    /// Records that do not decode are counted and logged (rate-limited by the caller's log filter).
+    /// Waits until records are there (the kernel wakes us when a backlog builds up; otherwise
+    /// the ring is drained every `RING_POLL_INTERVAL_MS`), then decodes up to `max` of them into
+    /// `out`. Records that do not decode are counted.
     pub async fn read_batch(&mut self, out: &mut Vec<Event>, counters: &Counters, max: usize) -> std::io::Result<()> {
+        let poll = std::time::Duration::from_millis(tapwire_common::RING_POLL_INTERVAL_MS);
         loop {
-            let mut guard = self.fd.readable_mut().await?;
-            let ring = guard.get_inner_mut();
-            let mut n = 0;
-            while n < max {
-                let Some(item) = ring.next() else { break };
-                n += 1;
-                Counters::inc(&counters.events_read);
-                match Event::decode(&item) {
-                    Ok(event) => out.push(event),
-                    Err(err) => {
-                        Counters::inc(&counters.events_malformed);
-                        tracing::debug!(%err, "dropped a malformed ring-buffer record");
+            if drain(self.fd.get_mut(), out, counters, max) > 0 {
+                return Ok(());
+            }
+            tokio::select! {
+                guard = self.fd.readable_mut() => {
+                    let mut guard = guard?;
+                    if drain(guard.get_inner_mut(), out, counters, max) == 0 {
+                        guard.clear_ready();
+                    } else {
+                        return Ok(());
                     }
                 }
-            }
-            if n < max {
-                guard.clear_ready();
-            }
-            if n > 0 {
-                return Ok(());
+                () = tokio::time::sleep(poll) => {}
             }
         }
     }
+}
+
+/// Decodes up to `max` records; returns how many were read.
+fn drain(ring: &mut RingBuf<MapData>, out: &mut Vec<Event>, counters: &Counters, max: usize) -> usize {
+    let mut n = 0;
+    while n < max {
+        let Some(item) = ring.next() else { break };
+        n += 1;
+        Counters::inc(&counters.events_read);
+        match Event::decode(&item) {
+            Ok(event) => out.push(event),
+            Err(err) => {
+                Counters::inc(&counters.events_malformed);
+                tracing::debug!(%err, "dropped a malformed ring-buffer record");
+            }
+        }
+    }
+    n
 }

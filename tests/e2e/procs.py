@@ -6,6 +6,7 @@ so a failing test can show it (conftest.py attaches the tails to the failure rep
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -227,16 +228,20 @@ def start_uvicorn(app: str, log_dir: Path, label: str, cgroup: Path | None = Non
 def start_http_service(argv_for_port, log_dir: Path, label: str, cgroup: Path | None = None,
                        env: dict[str, str] | None = None,
                        hosts: tuple[str, ...] = ("127.0.0.1", "::1"),
-                       ready_timeout: float = 30.0, attempts: int = 3) -> ServiceProcess:
-    """Starts any HTTP service, `argv_for_port(port)`, on a port free on every one of `hosts`.
+                       ready_timeout: float = 30.0, attempts: int = 3,
+                       ready_path: str = "/hello", port: int | None = None) -> ServiceProcess:
+    """Starts any HTTP service, `argv_for_port(port)`, on a port free on every one of `hosts`
+    (or on `port`, chosen by the caller: then there is one attempt, as another port would not be
+    the one the caller told others about).
 
-    Returns once GET /hello answers 200 on each host. Like start_uvicorn: the readiness requests
-    are real HTTP requests, so start services *before* the agent.
+    Returns once GET `ready_path` answers 200 on each host. Like start_uvicorn: the readiness
+    requests are real HTTP requests, so start services *before* the agent.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     last_error = ""
-    for attempt in range(attempts):
-        port = free_dual_port() if any(":" in h for h in hosts) else free_port()
+    fixed_port = port
+    for attempt in range(1 if fixed_port else attempts):
+        port = fixed_port or (free_dual_port() if any(":" in h for h in hosts) else free_port())
         argv = [str(a) for a in argv_for_port(port)]
         log_path = log_dir / f"{label}.log"
         full_env = base_env({"PYTHONUNBUFFERED": "1", **(env or {})})
@@ -251,7 +256,7 @@ def start_http_service(argv_for_port, log_dir: Path, label: str, cgroup: Path | 
                                                 stderr=subprocess.STDOUT,
                                                 stdin=subprocess.DEVNULL)
         service = ServiceProcess(proc, port, label, log_path, cgroup)
-        if all(_wait_ready_on(service, ready_timeout, host) for host in hosts):
+        if all(_wait_ready_on(service, ready_timeout, host, ready_path) for host in hosts):
             return service
         service.stop()
         last_error = (f"attempt {attempt + 1}: {label} on port {port} not ready on {hosts} "
@@ -273,8 +278,10 @@ def _wait_http_ready(service: ServiceProcess, timeout: float) -> bool:
     return False
 
 
-def _wait_ready_on(service: ServiceProcess, timeout: float, host: str) -> bool:
-    """Like _wait_http_ready, on `host` (IPv4 or IPv6), with no proxy and no kept connection."""
+def _wait_ready_on(service: ServiceProcess, timeout: float, host: str,
+                   path: str = "/hello") -> bool:
+    """Like _wait_http_ready, on `host` (IPv4 or IPv6) and `path`, with no proxy and no kept
+    connection."""
     deadline = time.monotonic() + timeout
     session = requests.Session()
     session.trust_env = False  # loopback only, whatever proxy the environment names
@@ -283,7 +290,7 @@ def _wait_ready_on(service: ServiceProcess, timeout: float, host: str) -> bool:
             if service.proc.poll() is not None:
                 return False
             try:
-                if session.get(service.url("/hello", host), timeout=1,
+                if session.get(service.url(path, host), timeout=1,
                                headers={"Connection": "close"}).status_code == 200:
                     return True
             except requests.RequestException:
@@ -292,3 +299,33 @@ def _wait_ready_on(service: ServiceProcess, timeout: float, host: str) -> bool:
         return False
     finally:
         session.close()
+
+
+def loaded_programs() -> dict[int, str]:
+    """id -> name of every eBPF program loaded on the machine (bpftool)."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], check=True, capture_output=True,
+                         text=True, timeout=30).stdout
+    return {p["id"]: p.get("name", "") for p in json.loads(out or "[]")}
+
+
+def programs_of(pid: int) -> set[int]:
+    """Ids of the eBPF programs a process holds file descriptors of (from /proc/PID/fdinfo)."""
+    ids = set()
+    for fdinfo in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            for line in fdinfo.read_text().splitlines():
+                if line.startswith("prog_id:"):
+                    ids.add(int(line.split()[1]))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return ids
+
+
+def wait_until_unloaded(ids: set[int], timeout: float = 10.0) -> dict[int, str]:
+    """Waits until none of `ids` is loaded any more; returns those still loaded."""
+    deadline = time.monotonic() + timeout
+    left = {i: n for i, n in loaded_programs().items() if i in ids}
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = {i: n for i, n in loaded_programs().items() if i in ids}
+    return left

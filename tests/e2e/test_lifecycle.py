@@ -6,13 +6,11 @@ every program when the process goes away, however it goes away. This checks it w
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
-import time
-from pathlib import Path
 
 import procs
+from procs import loaded_programs, programs_of, wait_until_unloaded
 
 # Program names as bpftool shows them (from BTF, so not cut to 15 characters).
 HOOKS = [
@@ -24,36 +22,6 @@ HOOKS = [
     "sock_send_length", "sock_recv_length", "inet_sock_set_state",
     "tcp_retransmit_skb", "tcp_send_reset", "tcp_receive_reset",
 ]
-
-
-def loaded_programs() -> dict[int, str]:
-    """id -> name of every eBPF program loaded on the machine."""
-    out = subprocess.run(["bpftool", "-j", "prog", "show"], check=True, capture_output=True,
-                         text=True, timeout=30).stdout
-    return {p["id"]: p.get("name", "") for p in json.loads(out or "[]")}
-
-
-def programs_of(pid: int) -> set[int]:
-    """Ids of the eBPF programs a process holds file descriptors of (from /proc/PID/fdinfo)."""
-    ids = set()
-    for fdinfo in Path(f"/proc/{pid}/fdinfo").iterdir():
-        try:
-            for line in fdinfo.read_text().splitlines():
-                if line.startswith("prog_id:"):
-                    ids.add(int(line.split()[1]))
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return ids
-
-
-def wait_until_unloaded(ids: set[int], timeout: float = 10.0) -> dict[int, str]:
-    """Waits until none of `ids` is loaded any more; returns those still loaded."""
-    deadline = time.monotonic() + timeout
-    left = {i: n for i, n in loaded_programs().items() if i in ids}
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = {i: n for i, n in loaded_programs().items() if i in ids}
-    return left
 
 
 def start_agent(tapwire_bin, cgroup_path, tmp_path, label) -> tuple[procs.TapwireProcess, set[int]]:

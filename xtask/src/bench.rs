@@ -9,18 +9,13 @@
 //! writes what it measured; this process only waits for it, then removes whatever cgroup a harness
 //! that died outright may have left.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Instant,
-};
+use std::{path::PathBuf, process::Command, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    build::{self, Profile},
-    process::{display, log, run},
-    setup, signals, workspace,
+    process::{log, run},
+    pyharness, setup, workspace,
 };
 
 const TAG: &str = "bench";
@@ -74,12 +69,7 @@ pub fn options(args: &[String]) -> Result<Options> {
                 }
                 opts.only = Some(list.clone());
             }
-            "--tapwire" => {
-                let path = it
-                    .next()
-                    .context("--tapwire needs the agent binary's path")?;
-                opts.tapwire = Some(PathBuf::from(path));
-            }
+            "--tapwire" => opts.tapwire = Some(pyharness::tapwire_option(&mut it)?),
             other => {
                 bail!("unknown option `{other}` for `cargo xtask bench` (see `cargo xtask help`)")
             }
@@ -97,36 +87,17 @@ pub fn bench(opts: Options) -> Result<()> {
     }
     let start = Instant::now();
     setup::setup()?;
-    let tapwire = match &opts.tapwire {
-        Some(path) => {
-            let path = std::path::absolute(path)
-                .with_context(|| format!("cannot resolve {}", path.display()))?;
-            if !path.is_file() {
-                bail!("--tapwire {}: no such file", path.display());
-            }
-            log(TAG, format!("benching the given agent {}", path.display()));
-            path
-        }
-        None => build::build(Profile::Release)?,
-    };
+    let tapwire = pyharness::agent_binary(TAG, opts.tapwire.as_deref())?;
     let loadgen = build_loadgen()?;
     let out = workspace::target_dir().join("bench");
 
-    let root = workspace::root();
-    let venv_bin = workspace::venv().join("bin");
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let path = std::env::join_paths(std::iter::once(venv_bin).chain(std::env::split_paths(&path)))?;
-    let mut cmd = Command::new(workspace::venv_python());
-    cmd.current_dir(root)
-        .arg(HARNESS)
-        .arg("--tapwire")
+    let mut cmd = pyharness::command(HARNESS)?;
+    cmd.arg("--tapwire")
         .arg(&tapwire)
         .arg("--loadgen")
         .arg(&loadgen)
         .arg("--out")
-        .arg(&out)
-        .env("PATH", path)
-        .env("VIRTUAL_ENV", workspace::venv());
+        .arg(&out);
     if opts.quick {
         cmd.arg("--quick");
     }
@@ -136,14 +107,9 @@ pub fn bench(opts: Options) -> Result<()> {
     if let Some(only) = &opts.only {
         cmd.args(["--only", only]);
     }
-    log(TAG, format!("$ {}", display(&cmd)));
-    // From here Ctrl-C only sets a flag in this process: the harness gets it too and cleans up,
-    // and we wait for it to finish doing so.
-    signals::install();
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {HARNESS}"))?;
-    remove_leftover_cgroups(root);
+    let status = pyharness::run(TAG, &mut cmd)?;
+    // The harness removes its cgroups itself; one killed outright (SIGKILL, OOM) cannot.
+    pyharness::remove_leftover_cgroups(TAG, "tapwire-bench-");
     log(
         TAG,
         format!(
@@ -192,37 +158,6 @@ fn build_loadgen() -> Result<PathBuf> {
         );
     }
     Ok(binary)
-}
-
-/// The harness removes its cgroups itself; one killed outright (SIGKILL, OOM) cannot. Its
-/// `tapwire-bench-*-<pid>` cgroups are stale once it is gone: tests/e2e/cgroupfs.py kills what is
-/// left in them and removes them (the same code the harness runs at its start).
-fn remove_leftover_cgroups(root: &Path) {
-    let script = "import sys; sys.path.insert(0, 'tests/e2e'); import cgroupfs; \
-                  print(len(cgroupfs.remove_stale('tapwire-bench-')))";
-    match Command::new(workspace::venv_python())
-        .current_dir(root)
-        .args(["-c", script])
-        .output()
-    {
-        Ok(out) if out.status.success() => {
-            let removed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            if removed != "0" {
-                log(
-                    TAG,
-                    format!("removed {removed} cgroups the harness left behind"),
-                );
-            }
-        }
-        Ok(out) => log(
-            TAG,
-            format!(
-                "could not check for leftover tapwire-bench-* cgroups: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ),
-        Err(e) => log(TAG, format!("could not check for leftover cgroups: {e}")),
-    }
 }
 
 #[cfg(test)]

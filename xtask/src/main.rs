@@ -1,12 +1,14 @@
 //! `cargo xtask`: the project's build, test and demo entry points.
 //!
 //! setup (toolchain, bpf-linker, Debian packages, Python venv) -> build (agent with the real eBPF
-//! object) -> test (everything, what CI runs) / run (the agent, or a quick start demo) / bench
-//! (the overhead benchmark).
+//! object) -> demo (tapwire on an example pipeline) / test (everything, what CI runs) / run (the
+//! agent, or a quick start) / bench (the overhead benchmark).
 
 mod bench;
 mod build;
+mod demo;
 mod process;
+mod pyharness;
 mod quickstart;
 mod setup;
 mod signals;
@@ -21,6 +23,12 @@ const USAGE: &str = "\
 usage: cargo xtask <command> [options]
 
 commands:
+  demo [options]        setup and build, then tapwire on a pipeline of six services (needs root;
+                        about 30 s after the first run): the trace of one request across them,
+                        rate / errors / p50 / p95 / CPU / memory / queue per service, the service
+                        graph; then stops everything and removes its cgroups
+      --keep            keep the pipeline, tapwire and its Prometheus endpoint running until Ctrl-C
+      --tapwire PATH    run this agent binary instead of building the tree
   setup                 install what the build and tests need (nightly rust-src, bpf-linker,
                         Debian packages, Python venv in .venv); skips what is present
   build [--debug]       setup, then build the agent (target/release/tapwire) with its eBPF probes
@@ -96,6 +104,7 @@ fn dispatch(args: Vec<String>) -> Result<()> {
             }
         }
         "bench" => bench::bench(bench::options(rest)?),
+        "demo" => demo::demo(demo::options(rest)?),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())

@@ -29,6 +29,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "prometheus",
     // tests/e2e/test_http_matrix.py builds its Go net/http server (stdlib only) with it.
     "golang-go",
+    // The vector store of the example pipeline (`cargo xtask demo`) keeps its data in it.
+    "redis-server",
 ];
 
 /// bpf-linker release to build when none is installed. 0.13.0 offers `llvm-22`, the LLVM of the
@@ -45,6 +47,10 @@ pub const REQUIREMENTS: &str = "tests/requirements.txt";
 /// it compares tapwire with), installed with the tests' pins as constraints.
 pub const BENCH_REQUIREMENTS: &str = "bench/requirements.txt";
 
+/// Pinned Python packages the example pipeline of `cargo xtask demo` adds to the same venv (the
+/// Redis and OpenAI clients), installed with the tests' pins as constraints.
+pub const PIPELINE_REQUIREMENTS: &str = "examples/pipeline/requirements.txt";
+
 const TAG: &str = "setup";
 
 pub fn setup() -> Result<()> {
@@ -55,7 +61,8 @@ pub fn setup() -> Result<()> {
     apt_packages()?;
     cargo_fuzz()?;
     python_venv()?;
-    bench_requirements()?;
+    extra_requirements(BENCH_REQUIREMENTS, "bench", "`cargo xtask bench`")?;
+    extra_requirements(PIPELINE_REQUIREMENTS, "pipeline", "`cargo xtask demo`")?;
     log(
         TAG,
         format!("done in {:.1} s", start.elapsed().as_secs_f64()),
@@ -355,21 +362,22 @@ fn python_venv() -> Result<()> {
     Ok(())
 }
 
-/// bench/requirements.txt into the venv python_venv made. Its own stamp holds the hashes of both
-/// files, so a change to either reinstalls it; tests/requirements.txt is passed as constraints, so
-/// a conflict between the two fails here instead of silently moving a test dependency.
-fn bench_requirements() -> Result<()> {
+/// `requirements` (bench/, examples/pipeline/) into the venv python_venv made. Its own stamp
+/// (`.tapwire-<stamp>-requirements.sha256`) holds the hashes of both files, so a change to either
+/// reinstalls it; tests/requirements.txt is passed as constraints, so a conflict between the two
+/// fails here instead of silently moving a test dependency.
+fn extra_requirements(requirements: &str, stamp: &str, user: &str) -> Result<()> {
     let root = workspace::root();
-    let bench = root.join(BENCH_REQUIREMENTS);
-    if !bench.is_file() {
+    let extra = root.join(requirements);
+    if !extra.is_file() {
         bail!(
-            "{} is missing: it pins the Python packages `cargo xtask bench` uses",
-            bench.display()
+            "{} is missing: it pins the Python packages {user} uses",
+            extra.display()
         );
     }
     let tests = root.join(REQUIREMENTS);
-    let stamp = workspace::venv().join(".tapwire-bench-requirements.sha256");
-    let sums = output(Command::new("sha256sum").arg(&bench).arg(&tests))?;
+    let stamp = workspace::venv().join(format!(".tapwire-{stamp}-requirements.sha256"));
+    let sums = output(Command::new("sha256sum").arg(&extra).arg(&tests))?;
     let hash = sums
         .lines()
         .filter_map(|l| l.split_whitespace().next())
@@ -378,11 +386,11 @@ fn bench_requirements() -> Result<()> {
     if fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == hash) {
         log(
             TAG,
-            format!("Python venv: up to date with {BENCH_REQUIREMENTS}, skipping"),
+            format!("Python venv: up to date with {requirements}, skipping"),
         );
         return Ok(());
     }
-    log(TAG, format!("Python venv: installing {BENCH_REQUIREMENTS}"));
+    log(TAG, format!("Python venv: installing {requirements}"));
     run(
         TAG,
         Command::new(workspace::venv_python())
@@ -395,7 +403,7 @@ fn bench_requirements() -> Result<()> {
                 "off",
                 "-r",
             ])
-            .arg(&bench)
+            .arg(&extra)
             .arg("-c")
             .arg(&tests),
     )?;

@@ -1,0 +1,196 @@
+"""`cargo xtask demo`, run the way a newcomer runs it, checked from what it prints.
+
+The demo (examples/pipeline/demo.py) sends one traced question and then 80 more to the gateway,
+so the request counts per service are known exactly: every 10th question (from the 4th) asks
+about a page the site does not have, every 10th (from the 8th) asks the LLM for too many tokens.
+After it exits nothing it started may be left: no cgroup, no process, no eBPF program of its agent.
+
+The report's helpers (examples/pipeline/report.py) are also checked on hand-made inputs.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import procs
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples" / "pipeline"))
+
+import report  # noqa: E402  (examples/pipeline)
+
+SERVICES = ["gateway", "orchestrator", "scraper", "processor", "search", "vectorstore"]
+# 1 traced question + 80: 8 about the missing page, 8 asking for too many tokens.
+EXPECTED_REQUESTS = {"gateway": 81, "orchestrator": 81, "scraper": 81, "processor": 73,
+                     "search": 73, "vectorstore": 146}
+EXPECTED_ERRORS = {"gateway": 16, "orchestrator": 16, "scraper": 8, "processor": 0, "search": 0,
+                   "vectorstore": 0}
+DEMO_TIMEOUT_S = 240
+
+
+class DemoRun:
+    def __init__(self, result: subprocess.CompletedProcess):
+        self.returncode = result.returncode
+        self.stdout = result.stdout
+        self.stderr = result.stderr
+
+    def section(self, title_start: str) -> str:
+        """The text of the `== title ...` section of stdout, up to the next one."""
+        parts = re.split(r"^== ", self.stdout, flags=re.M)
+        for part in parts:
+            if part.startswith(title_start):
+                return part.split("\n", 1)[1]
+        raise AssertionError(f"no section {title_start!r} in the demo's output:\n{self.stdout}")
+
+    def table(self) -> dict[str, list[str]]:
+        rows = {}
+        for line in self.section("per service").splitlines():
+            cells = line.split()
+            if cells and cells[0] in SERVICES and len(cells) == len(report.TABLE_HEADER):
+                rows[cells[0]] = cells
+        return rows
+
+    def describe(self) -> str:
+        return f"--- demo stdout ---\n{self.stdout}\n--- demo stderr ---\n{self.stderr}"
+
+
+@pytest.fixture(scope="module")
+def demo(tapwire_bin, cgroup2_root) -> DemoRun:
+    """`cargo xtask demo --tapwire $TAPWIRE_BIN`, once for the module (it runs about 30 s)."""
+    result = subprocess.run(["cargo", "xtask", "demo", "--tapwire", tapwire_bin], cwd=ROOT,
+                            env=procs.base_env(), stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=DEMO_TIMEOUT_S)
+    return DemoRun(result)
+
+
+def test_demo_succeeds_with_exact_counts_per_service(demo):
+    assert demo.returncode == 0, demo.describe()
+    table = demo.table()
+    assert sorted(table) == sorted(SERVICES), demo.describe()
+    for service, cells in table.items():
+        _, requests, rate, errors, p50, p95, cpu, memory, queue = cells
+        assert int(requests) == EXPECTED_REQUESTS[service], (service, cells)
+        assert float(rate.removesuffix("/s")) > 0, (service, cells)
+        expected_ratio = 100 * EXPECTED_ERRORS[service] / EXPECTED_REQUESTS[service]
+        assert float(errors.removesuffix("%")) == pytest.approx(expected_ratio, abs=0.05), cells
+        # p50 <= p95, both measured; CPU and memory from the service's cgroup, both non-zero.
+        assert 0 < float(p50.removesuffix("ms")) <= float(p95.removesuffix("ms")), cells
+        assert float(cpu.removesuffix("%")) > 0, cells
+        assert float(memory.removesuffix("MiB")) > 1, cells
+        assert int(queue) >= 0, cells
+    assert "Every count is what the requests sent imply" in demo.stdout, demo.describe()
+
+
+def test_demo_prints_the_service_graph_and_the_endpoint(demo):
+    graph = demo.section("service graph")
+    # Every edge of the pipeline, with its exact number of calls.
+    calls = {"orchestrator": 81, "scraper": 81, "site*": 81, "processor": 73, "search": 73,
+             "llm-stub*": 73, "vectorstore": 73}
+    for target, count in calls.items():
+        assert re.search(rf"-> {re.escape(target)}  \({count} calls", graph), (target, graph)
+    assert re.search(r"Prometheus endpoint: http://127\.0\.0\.1:\d+/metrics", demo.stdout)
+
+
+def test_demo_leaves_nothing_behind(demo, tapwire_bin):
+    out = demo.stdout + demo.stderr
+    cgroup = re.search(r"created cgroup (\S+tapwire-demo-\d+) ", out)
+    assert cgroup, demo.describe()
+    assert not Path(cgroup.group(1)).exists(), f"{cgroup.group(1)} is still there"
+    pids = [int(p) for p in re.findall(r"^\[demo\]\s+\S+\s+pid (\d+)", demo.stderr, flags=re.M)]
+    agent = re.search(r"tapwire ready in [\d.]+ s: pid (\d+), (\d+) eBPF programs attached "
+                      r"\(ids ([\d,]+)\)", demo.stderr)
+    assert len(pids) == 9 and agent, demo.describe()
+    alive = [p for p in pids if _running(p) and "tapwire-demo-" in _read(f"/proc/{p}/cgroup")]
+    assert alive == [], f"processes of the demo still running: {alive}"
+    agent_pid = int(agent.group(1))
+    assert not (_running(agent_pid) and tapwire_bin in _read(f"/proc/{agent_pid}/cmdline")), \
+        f"the demo's agent (pid {agent_pid}) is still running"
+    ids = {int(i) for i in agent.group(3).split(",")}
+    assert len(ids) == int(agent.group(2)) > 0
+    still = {i: n for i, n in procs.loaded_programs().items() if i in ids}
+    assert still == {}, f"the demo's agent left programs loaded: {still}"
+
+
+def _running(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def _read(path: str) -> str:
+    """The file's text, empty when the process it belongs to is gone."""
+    try:
+        return Path(path).read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+# ---- report.py on hand-made inputs ---------------------------------------------------------------
+
+def test_histogram_quantile_interpolates_like_promql():
+    buckets = {0.005: 0, 0.01: 10, 0.025: 30, 0.05: 40, float("inf"): 40}
+    assert report.histogram_quantile(0.5, buckets) == pytest.approx(0.01 + 0.015 * 10 / 20)
+    assert report.histogram_quantile(0.25, buckets) == pytest.approx(0.005 + 0.005 * 10 / 10)
+    assert report.histogram_quantile(0.95, buckets) == pytest.approx(0.025 + 0.025 * 8 / 10)
+    assert report.histogram_quantile(0.5, {0.1: 0, float("inf"): 0}) is None
+    assert report.histogram_quantile(0.99, {0.1: 1, float("inf"): 10}) == 0.1
+
+
+def test_parse_prometheus_labels_and_errors():
+    samples = report.parse_prometheus(
+        '# HELP x y\nhttp_server_request_duration_seconds_count{job="gateway",'
+        'error_type="500",path="a\\"b\\\\c"} 7\nup 1 1700000000000\n')
+    assert samples[0] == report.Sample("http_server_request_duration_seconds_count",
+                                       {"job": "gateway", "error_type": "500", "path": 'a"b\\c'}, 7.0)
+    assert samples[1].value == 1.0
+    with pytest.raises(ValueError, match="line 1"):
+        report.parse_prometheus("not a sample at all!")
+
+
+def span(service, kind, span_id, parent, start_ms, dur_ms, trace="t1", **attrs):
+    return {"service_name": service, "kind_name": kind, "span_id": span_id,
+            "parent_span_id": parent, "trace_id": trace, "start_ns": int(start_ms * 1e6),
+            "duration_ns": int(dur_ms * 1e6), "status_name": "UNSET",
+            "attributes": {"http.request.method": "GET", "http.response.status_code": 200,
+                           **attrs}}
+
+
+def test_trace_tree_follows_parents_across_services():
+    spans = [
+        span("gateway", "SERVER", "a", "x", 0, 10, **{"http.route": "/ask"}),
+        span("gateway", "CLIENT", "b", "a", 1, 8, **{"server.port": 2, "url.path": "/answer"}),
+        span("orchestrator", "SERVER", "c", "b", 2, 6, **{"http.route": "/answer"}),
+        span("orchestrator", "CLIENT", "d", "c", 3, 2, **{"server.port": 9, "url.path": "/v1"}),
+        span("search", "SERVER", "e", "", 0, 1, trace="t2"),
+    ]
+    text, rows = report.trace_tree(spans, "t1", {2: "orchestrator", 9: "llm-stub"},
+                                   {"gateway", "orchestrator"})
+    assert [(d, s["span_id"]) for d, s in rows] == [(0, "a"), (1, "b"), (2, "c"), (3, "d")]
+    lines = [report.TREE_LINE.match(line) for line in text.splitlines()[2:]]
+    assert all(lines), text
+    assert [(len(m["prefix"]) // 3, m["service"], m["kind"]) for m in lines] == [
+        (0, "gateway", "server"), (1, "gateway", "client"), (2, "orchestrator", "server"),
+        (3, "orchestrator", "client")]
+    assert "-> llm-stub/v1 (not watched)" in text and "-> orchestrator/answer 200" in text
+
+
+def test_service_graph_names_callees_by_child_span_or_port():
+    spans = [
+        span("gateway", "CLIENT", "b", "a", 1, 8, **{"server.port": 2}),
+        span("orchestrator", "SERVER", "c", "b", 2, 6),
+        span("gateway", "CLIENT", "f", "", 1, 4, **{"server.port": 2}),
+        span("orchestrator", "CLIENT", "d", "c", 3, 2, **{"server.port": 9}),
+        span("orchestrator", "CLIENT", "g", "", 3, 2, **{"server.port": 7,
+                                                         "server.address": "127.0.0.1"}),
+    ]
+    spans[3]["status_name"] = "ERROR"
+    edges = report.service_graph(spans, {2: "orchestrator", 9: "llm-stub"})
+    assert {k: (e.calls, e.errors) for k, e in edges.items()} == {
+        ("gateway", "orchestrator"): (2, 0), ("orchestrator", "llm-stub"): (1, 1),
+        ("orchestrator", "127.0.0.1:7"): (1, 0)}
+    text = report.format_graph(edges, ["gateway"], {"gateway", "orchestrator"})
+    assert text.splitlines()[:2] == ["gateway", "`-> orchestrator  (2 calls, median 8.0ms)"]
+    assert "llm-stub*  (1 calls, 1 errors, median 2.0ms)" in text

@@ -202,6 +202,10 @@ def format_table(rows: list[ServiceRow]) -> str:
 
 # ---- spans: the trace tree and the service graph ---------------------------------------------
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _attr(span: dict[str, Any], key: str, default: Any = None) -> Any:
     return span["attributes"].get(key, default)
 
@@ -277,7 +281,8 @@ def trace_tree(spans: list[dict[str, Any]], trace_id: str, ports: dict[int, str]
     for root in roots:
         walk(root, "", True, 0)
     services = sorted({s["service_name"] for s in mine})
-    head = (f"{len(mine)} spans from {len(services)} services ({', '.join(services)})\n"
+    head = (f"{_plural(len(mine), 'span')} from {_plural(len(services), 'service')} "
+            f"({', '.join(services)})\n"
             f"   start  duration  service: span")
     return head + "\n" + "\n".join(lines), rows
 

@@ -150,6 +150,35 @@ def test_parse_prometheus_labels_and_errors():
         report.parse_prometheus("not a sample at all!")
 
 
+def test_service_table_counts_what_changed_between_scrapes():
+    def scrape(ok: int, failed: int, cpu: float) -> list:
+        d = "http_server_request_duration_seconds"
+        return report.parse_prometheus(f"""
+{d}_count{{job="gw",http_route="/a"}} {ok}
+{d}_count{{job="gw",http_route="/a",error_type="500"}} {failed}
+{d}_bucket{{job="gw",http_route="/a",le="0.01"}} {ok}
+{d}_bucket{{job="gw",http_route="/a",le="+Inf"}} {ok}
+{d}_bucket{{job="gw",http_route="/a",error_type="500",le="0.01"}} 0
+{d}_bucket{{job="gw",http_route="/a",error_type="500",le="+Inf"}} {failed}
+container_cpu_time_seconds_total{{job="gw",cpu_mode="user"}} {cpu}
+container_cpu_time_seconds_total{{job="gw",cpu_mode="system"}} {cpu}
+process_memory_usage_bytes{{job="gw",instance="1"}} 1048576
+process_memory_usage_bytes{{job="gw",instance="2"}} 1048576
+""")
+    during = [report.parse_prometheus('http_server_active_requests{job="gw"} 3\n'
+                                      'tapwire_listen_backlog{job="gw",server_port="1"} 2\n'),
+              report.parse_prometheus('http_server_active_requests{job="gw"} 4\n')]
+    [row] = report.service_table(["gw"], scrape(10, 1, 1.0), scrape(30, 6, 1.5), during,
+                                 traffic_s=5.0, window_s=10.0)
+    assert (row.requests, row.errors, row.rate) == (25, 5, 5.0)
+    assert row.cpu_s == pytest.approx(1.0) and row.cpu_share == pytest.approx(0.1)
+    assert row.memory_bytes == 2 * 1048576 and row.queue_peak == 5
+    # 20 of the 25 in (0, 10 ms], the 5 errors above: p50 at rank 12.5 -> 6.25 ms.
+    assert row.p50_s == pytest.approx(0.00625) and row.p95_s == pytest.approx(0.01)
+    line = report.format_table([row]).splitlines()[1].split()
+    assert line == ["gw", "25", "5.0/s", "20.0%", "6.2ms", "10.0ms", "10.0%", "2.0MiB", "5"]
+
+
 def span(service, kind, span_id, parent, start_ms, dur_ms, trace="t1", **attrs):
     return {"service_name": service, "kind_name": kind, "span_id": span_id,
             "parent_span_id": parent, "trace_id": trace, "start_ns": int(start_ms * 1e6),

@@ -145,6 +145,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut push = tokio::time::interval_at(tokio::time::Instant::now() + push_every, push_every);
 
     let mut probes = Probes::load(&CaptureConfig { payload_cap: args.payload_bytes })?;
+    // Held until exit: the kernel counts per-program run time while it is open.
+    let _run_time_stats = crate::metrics::ebpf::enable_run_time_stats();
     probes.attach_all()?;
     let mut ids = selection.scan();
     probes.set_selection(&ids.keys().copied().collect())?;
@@ -200,6 +202,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     collectors.on_span(&span);
                     exporter.send(span);
                 }
+                collectors.set_program_stats(probes.program_stats());
                 if prometheus_task.is_some() {
                     collectors.set_active_requests(&correlator.active_server_requests());
                     prometheus.update(collectors.snapshot(&ids, &mut resources, exporter.queue_len()));

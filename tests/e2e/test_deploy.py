@@ -18,7 +18,7 @@ Live checks (root, the real agent from $TAPWIRE_BIN):
   namespace where every mount is read-only) start the agent; its probe endpoint answers; it
   exits 0 on SIGTERM; without CAP_BPF the same command fails (the emulation is real);
 - every metric name the dashboard and the alerts use appears in a real /metrics scrape of an
-  agent watching a FastAPI service, except the names in FUTURE_METRICS.
+  agent watching a FastAPI service.
 """
 
 from __future__ import annotations
@@ -59,13 +59,6 @@ K8S_VERSIONS = ["1.31.0", "1.37.0"]
 DEFAULT_CAPS = {"BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH", "SYS_RESOURCE"}
 PRIVILEGED_EXTRA_CAPS = {"SYS_ADMIN"}
 
-# Metric names the dashboard uses that the agent does not export, on purpose: the
-# OpenTelemetry Collector's servicegraph connector derives them from traces (the "Service map
-# (needs service graph)" panel). Nothing else may be missing from the agent's /metrics.
-FUTURE_METRICS = {
-    "traces_service_graph_request_total",
-    "traces_service_graph_request_failed_total",
-}
 
 # Grafana's built-in interval variables, replaced by a duration before promtool parses a query.
 GRAFANA_INTERVALS = ("$__rate_interval", "$__interval", "$__range")
@@ -415,10 +408,13 @@ def test_dashboard_structure():
             if re.search(r"\b(http_|process_|tapwire_listen)", t["expr"]):
                 assert 'job=~"$service"' in t["expr"], f"{p['title']}: {t['expr']}"
     titles = {p["title"]: p for p in panels}
-    graph = titles["Service map (needs service graph)"]
+    graph = titles["Service map"]
     assert graph["type"] == "nodeGraph"
+    # The node graph finds its two frames by these refIds.
+    assert [t["refId"] for t in graph["targets"]] == ["nodes", "edges"]
+    assert all(t["format"] == "table" and t["instant"] for t in graph["targets"])
     used = set().union(*(metric_names(t["expr"]) for t in graph["targets"]))
-    assert used == FUTURE_METRICS
+    assert used == {"traces_service_graph_request_total"}
 
 
 def test_every_dashboard_query_parses(promtool, tmp_path):
@@ -678,9 +674,7 @@ def test_dashboard_and_alerts_use_only_exported_metrics(rendered, tapwire_bin, c
                                                        fastapi_service, otlp_receiver,
                                                        attach_log, tmp_path):
     referenced = referenced_metrics()
-    assert FUTURE_METRICS <= referenced.keys(), (
-        f"FUTURE_METRICS lists names nothing uses any more: {FUTURE_METRICS - referenced.keys()}")
-    expected = set(referenced) - FUTURE_METRICS
+    expected = set(referenced)
 
     ensure_tracefs()
     docs = rendered["default"]

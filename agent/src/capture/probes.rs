@@ -73,6 +73,17 @@ impl Default for CaptureConfig {
     }
 }
 
+/// What the kernel counted for one program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramRunStats {
+    /// Program name in the object (the hook, e.g. `sys_enter_read`).
+    pub program: String,
+    /// Times the program ran.
+    pub run_count: u64,
+    /// Time spent running it.
+    pub run_time: std::time::Duration,
+}
+
 /// The loaded object. Dropping it detaches every program: attachments are file descriptors
 /// held by this process (nothing is pinned), so even a kill -9 leaves nothing attached.
 pub struct Probes {
@@ -146,6 +157,18 @@ impl Probes {
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, CaptureError> {
         let map = self.ebpf.take_map(names::EVENTS).ok_or(CaptureError::MissingMap(names::EVENTS))?;
         RingBuf::try_from(map).map_err(|source| CaptureError::Map { map: names::EVENTS, source })
+    }
+
+    /// Run count and run time of every loaded program, as the kernel keeps them while run-time
+    /// statistics are enabled (`crate::metrics::ebpf::enable_run_time_stats`); zero otherwise.
+    pub fn program_stats(&self) -> Vec<ProgramRunStats> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some(ProgramRunStats { program: name.to_owned(), run_count: info.run_count(), run_time: info.run_time() })
+            })
+            .collect()
     }
 
     /// The kernel's counters (see `tapwire_common::Counter`), summed over CPUs.

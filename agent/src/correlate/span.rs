@@ -101,6 +101,9 @@ pub(crate) fn build(conn: &ConnView<'_>, ex: &Exchange, end_ts: u64, outcome: Ou
     if let Some(ep) = conn.endpoints {
         a.push("network.peer.address", ep.peer.ip().to_string());
         a.push("network.peer.port", i64::from(ep.peer.port()));
+        // The connection seen from this end: the service graph pairs it with the other end.
+        a.push("network.local.address", ep.local.ip().to_string());
+        a.push("network.local.port", i64::from(ep.local.port()));
     }
     a.push("network.protocol.version", req.version.as_str());
     if let Some(ua) = &req.headers.user_agent {

@@ -109,6 +109,8 @@ fn server_span_has_the_conventional_attributes() {
         ("client.address", "10.0.0.2".into()),
         ("network.peer.address", "10.0.0.2".into()),
         ("network.peer.port", 51000i64.into()),
+        ("network.local.address", "10.0.0.1".into()),
+        ("network.local.port", 8080i64.into()),
         ("network.protocol.version", "1.1".into()),
         ("user_agent.original", "curl/8.5".into()),
         ("http.request.body.size", 4i64.into()),

@@ -4,19 +4,24 @@ use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use super::{
     agent::{AgentGauge, agent_metrics, agent_resource},
+    ebpf::program_metrics,
     model::Snapshot,
     net::NetMetrics,
     now_unix_nano,
     process::{ProcessMetrics, WatchedProcess},
     queue::ListenQueues,
     red::{RedConfig, RedMetrics},
+    servicegraph::{ServiceGraph, ServiceGraphConfig},
 };
-use crate::{capture::event::Event, discover::ResourceLookup, model::{Resource, Span, SpanKind}, telemetry::Counters};
+use crate::{capture::{event::Event, probes::ProgramRunStats}, discover::ResourceLookup, model::{Resource, Span, SpanKind}, telemetry::Counters};
 
-/// RED metrics from spans, network counters from kernel events, and per-service CPU, memory and
-/// accept queues read from /proc and the cgroup at each snapshot.
+/// RED metrics and the service graph from spans, network counters from kernel events, and
+/// per-service CPU, memory and accept queues read from /proc and the cgroup at each snapshot.
 pub struct Collectors {
     red: RedMetrics,
+    graph: ServiceGraph,
+    /// The latest per-program run statistics (`set_program_stats`).
+    programs: Vec<ProgramRunStats>,
     net: NetMetrics,
     process: ProcessMetrics,
     queues: ListenQueues,
@@ -32,6 +37,8 @@ impl Collectors {
     pub fn new(counters: Arc<Counters>) -> Self {
         Collectors {
             red: RedMetrics::new(RedConfig::default(), counters.clone()),
+            graph: ServiceGraph::new(ServiceGraphConfig::default(), counters.clone()),
+            programs: Vec::new(),
             net: NetMetrics::default(),
             process: ProcessMetrics::default(),
             queues: ListenQueues::default(),
@@ -49,9 +56,10 @@ impl Collectors {
         self.net.on_event(event, &resource);
     }
 
-    /// Every finished span, before it is exported.
+    /// Every finished span, before it is exported (and before any sampling).
     pub fn on_span(&mut self, span: &Span) {
         self.red.record(span);
+        self.graph.record(span, now_unix_nano());
         if span.kind == SpanKind::Server
             && let Some(crate::model::Value::Str(method)) = span.attributes.get("http.request.method")
         {
@@ -61,6 +69,12 @@ impl Collectors {
                 known.push(method);
             }
         }
+    }
+
+    /// Run count and run time of each eBPF program (`Probes::program_stats`), for the next
+    /// snapshots.
+    pub fn set_program_stats(&mut self, stats: Vec<ProgramRunStats>) {
+        self.programs = stats;
     }
 
     /// Requests in flight per service and method (from the correlator), for
@@ -119,13 +133,23 @@ impl Collectors {
         snap.extend(self.process.collect(&procs, now));
         snap.extend(self.queues.collect(&procs, now));
         snap.extend(self.net.snapshot(now));
-        snap.push(agent_metrics(
+        let pending = AgentGauge {
+            name: "tapwire.agent.service_graph.pending",
+            unit: "{span}",
+            description: "Spans waiting for their other half to make a service-graph edge.",
+            value: i64::try_from(self.graph.pending()).unwrap_or(i64::MAX),
+        };
+        let mut agent = agent_metrics(
             &self.counters,
             &self.agent,
             self.started_unix_nano,
             now,
-            &[AgentGauge::export_queue_size(span_queue), AgentGauge::metric_series(self.red.series_count())],
-        ));
+            &[AgentGauge::export_queue_size(span_queue), AgentGauge::metric_series(self.red.series_count()), pending],
+        );
+        agent.metrics.extend(program_metrics(&self.programs, self.started_unix_nano, now));
+        // Edges belong to neither of their services: they go under the agent's own resource.
+        agent.metrics.extend(self.graph.snapshot(now));
+        snap.push(agent);
         snap
     }
 }

@@ -4,18 +4,23 @@
 //! - [`red`]: HTTP RED metrics (request rate, errors, duration, body sizes, in-flight requests)
 //!   aggregated from finished spans.
 //! - [`process`], [`queue`], [`net`]: per-service CPU and memory, accept queues, network counters.
-//! - [`agent`]: the agent's own health counters, under a `service.name = tapwire` resource.
+//! - [`servicegraph`]: edges between services (request count, failures, durations) from client
+//!   and server spans paired by their shared TCP connection.
+//! - [`agent`]: the agent's own health counters, under a `service.name = tapwire` resource, with
+//!   [`ebpf`]: what each eBPF program costs, and the service-graph metrics.
 //!
 //! Each producer returns a [`model::Snapshot`]; the app concatenates them and hands the result to
 //! `export::metrics` and `export::prometheus` (both merge resources that are equal by value).
 
 pub mod agent;
 pub mod collect;
+pub mod ebpf;
 pub mod model;
 pub mod net;
 pub mod process;
 pub mod queue;
 pub mod red;
+pub mod servicegraph;
 
 /// The wall clock in nanoseconds since the Unix epoch (0 if the clock is before 1970), the time
 /// base of every metric point.

@@ -142,7 +142,7 @@ fn size_of(attributes: &Attributes, key: &str) -> Option<f64> {
 
 /// A cumulative explicit-bucket histogram.
 #[derive(Clone, Debug)]
-struct Histogram {
+pub(super) struct Histogram {
     bounds: &'static [f64],
     count: u64,
     sum: f64,
@@ -152,7 +152,7 @@ struct Histogram {
 }
 
 impl Histogram {
-    fn new(bounds: &'static [f64]) -> Histogram {
+    pub(super) fn new(bounds: &'static [f64]) -> Histogram {
         Histogram {
             bounds,
             count: 0,
@@ -164,7 +164,7 @@ impl Histogram {
     }
 
     /// Bucket `i` counts values in `(bounds[i-1], bounds[i]]`; the last one everything above.
-    fn record(&mut self, value: f64) {
+    pub(super) fn record(&mut self, value: f64) {
         if value.is_nan() {
             return;
         }
@@ -176,7 +176,7 @@ impl Histogram {
         self.max = self.max.max(value);
     }
 
-    fn point(&self, attributes: Attributes, start_unix_nano: u64, time_unix_nano: u64) -> HistogramPoint {
+    pub(super) fn point(&self, attributes: Attributes, start_unix_nano: u64, time_unix_nano: u64) -> HistogramPoint {
         let seen = self.count > 0;
         HistogramPoint {
             attributes,

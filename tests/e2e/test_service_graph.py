@@ -23,13 +23,20 @@ Expected, exactly, on the Prometheus endpoint and over OTLP:
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 import procs
 from test_metrics import Exposition, scrape_metrics
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "tapwire-dashboard.json"
 
 B_OK = 9
 B_FAIL = 3
@@ -221,3 +228,49 @@ def test_service_graph_edges_and_program_runs(cgroup, fastapi_service, graph_a, 
                       "traces_service_graph_unpaired")))
     print("program runs grown: " + ", ".join(
         f"{p} +{after[p] - before.get(p, 0):.0f}" for p in sorted(after)))
+
+
+def test_dashboard_service_map_queries_shape_nodes_and_edges(tmp_path):
+    """The node graph's two queries, evaluated by promtool on known series: one node per service
+    (callers that receive nothing included, each once) and one edge per client/server pair,
+    with the id/title/source/target labels the node graph reads."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("`promtool` is not on PATH: install the Debian package `prometheus` "
+                    "(`cargo xtask setup` does)", pytrace=False)
+    panel = next(p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] == "nodeGraph")
+    exprs = {t["refId"]: t["expr"].replace("$__range", "5m") for t in panel["targets"]}
+    series = "traces_service_graph_request_total"
+    # Per minute: user -> a 60 requests (1/s), a -> b 30 (0.5/s), a -> 127.0.0.1 6 (0.1/s).
+    tests = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [
+            {"series": f'{series}{{client="user", server="a", connection_type="virtual_node"}}',
+             "values": "0+60x10"},
+            {"series": f'{series}{{client="a", server="b", connection_type=""}}',
+             "values": "0+30x10"},
+            {"series": f'{series}{{client="a", server="127.0.0.1", connection_type="virtual_node"}}',
+             "values": "0+6x10"},
+        ],
+        "promql_expr_test": [
+            {"expr": exprs["nodes"], "eval_time": "10m", "exp_samples": [
+                {"labels": '{id="a", title="a"}', "value": 1.0},
+                {"labels": '{id="b", title="b"}', "value": 0.5},
+                {"labels": '{id="127.0.0.1", title="127.0.0.1"}', "value": 0.1},
+                {"labels": '{id="user", title="user"}', "value": 0.0},
+            ]},
+            {"expr": exprs["edges"], "eval_time": "10m", "exp_samples": [
+                {"labels": '{client="user", server="a", source="user", target="a", id="user->a"}',
+                 "value": 1.0},
+                {"labels": '{client="a", server="b", source="a", target="b", id="a->b"}',
+                 "value": 0.5},
+                {"labels": '{client="a", server="127.0.0.1", source="a", target="127.0.0.1", '
+                           'id="a->127.0.0.1"}', "value": 0.1},
+            ]},
+        ],
+    }]}
+    path = tmp_path / "service-map-test.yaml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False))
+    done = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, f"promtool test rules:\n{done.stdout}{done.stderr}"

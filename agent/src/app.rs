@@ -63,6 +63,8 @@ pub struct RunArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz), e.g. 0.0.0.0:9464.
     #[arg(long, env = "TAPWIRE_PROMETHEUS_LISTEN", value_name = "ADDR")]
     pub prometheus_listen: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub sampling: crate::sampling::SamplingArgs,
 }
 
 pub use crate::export::ExporterChoice;
@@ -130,6 +132,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let counters = Arc::new(Counters::default());
     let export_config = export::resolve_config(args.exporter)?;
+    let sampling = crate::sampling::SamplingConfig::resolve(&args.sampling, &|name| std::env::var(name).ok())?;
+    let sampler = crate::sampling::Sampler::new(sampling, counters.clone());
+    sampler.log_settings();
     let exporter = export::spawn(export_config, counters.clone()).context("while starting the span exporter")?;
     let metrics_config = resolve_metrics_config(args.exporter)?.with_prometheus_listen(args.prometheus_listen);
     let prometheus = Arc::new(PrometheusState::new());
@@ -181,7 +186,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 for span in spans.drain(..) {
                     collectors.on_span(&span);
-                    exporter.send(span);
+                    if let Some(span) = sampler.apply(span) {
+                        exporter.send(span);
+                    }
                 }
             }
             _ = push.tick(), if metrics_exporter.pushes() => {
@@ -200,7 +207,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 correlator.expire(monotonic_ns(), &mut resources, &mut spans);
                 for span in spans.drain(..) {
                     collectors.on_span(&span);
-                    exporter.send(span);
+                    if let Some(span) = sampler.apply(span) {
+                        exporter.send(span);
+                    }
                 }
                 collectors.set_program_stats(probes.program_stats());
                 if prometheus_task.is_some() {
@@ -236,7 +245,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(probes);
     for span in spans.drain(..) {
         collectors.on_span(&span);
-        exporter.send(span);
+        if let Some(span) = sampler.apply(span) {
+            exporter.send(span);
+        }
     }
     exporter.shutdown(Duration::from_secs(10)).await;
     // After the span exporter, so that the agent's own counters in the last snapshot are final.
@@ -252,6 +263,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         events_read = Counters::get(&c.events_read),
         events_lost = Counters::get(&c.events_lost),
         spans_created = Counters::get(&c.spans_created),
+        spans_sampled_out = Counters::get(&c.spans_sampled_out),
         spans_exported = Counters::get(&c.spans_exported),
         spans_failed = Counters::get(&c.spans_failed),
         spans_dropped = Counters::get(&c.spans_dropped),

@@ -1,7 +1,8 @@
 //! tapwire: a zero-code instrumentation agent. The path of one request through the agent:
 //!
 //! capture (kernel events) -> protocols (HTTP/1 parsing) -> correlate (connections, exchanges,
-//! spans) -> export (console, OTLP). discover names the services; telemetry counts every loss.
+//! spans) -> sampling (which spans leave) -> export (console, OTLP). discover names the services;
+//! telemetry counts every loss.
 
 pub mod app;
 pub mod capture;
@@ -12,4 +13,5 @@ pub mod export;
 pub mod metrics;
 pub mod model;
 pub mod protocols;
+pub mod sampling;
 pub mod telemetry;

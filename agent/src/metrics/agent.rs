@@ -9,7 +9,8 @@
 //! | `tapwire.agent.parse.failures` | `{message}` | `network.protocol.name=http` | `parse_failures_http1` |
 //! | `tapwire.agent.connections.evicted` | `{connection}` | | `connections_evicted` |
 //! | `tapwire.agent.routes.overflowed` | `{request}` | | `routes_overflowed` |
-//! | `tapwire.agent.spans` | `{span}` | `state` = `created`, `exported`, `failed`, `dropped` | `spans_*` |
+//! | `tapwire.agent.spans` | `{span}` | `state` = `created`, `sampled_out`, `exported`, `failed`, `dropped` | `spans_*` |
+//! | `tapwire.agent.spans.kept` | `{span}` | `tapwire.sampling.kept_by` = `error`, `latency` | `spans_kept_*` |
 //! | `tapwire.agent.metric_points.exported` | `{data_point}` | | `metric_points_exported` |
 //! | `tapwire.agent.metric_points.failed` | `{data_point}` | | `metric_points_failed` |
 //! | `tapwire.agent.metric_snapshots.dropped` | `{snapshot}` | | `metric_snapshots_dropped` |
@@ -17,9 +18,12 @@
 //! | gauges passed in, e.g. `tapwire.agent.export.queue.size` | `{span}` | | [`AgentGauge`] |
 //!
 //! `tapwire.agent.spans` is one metric with a `state` attribute so that one query shows the
-//! whole pipeline. The states are not disjoint: `created` counts every span handed to the
-//! exporter, the other three are what became of them (`exported + failed + dropped <= created`,
-//! the rest is in flight). Never sum over `state`; divide by `state="created"` instead.
+//! whole pipeline. The states are not disjoint: `created` counts every span built (metrics are
+//! computed from all of them), `sampled_out` those sampling did not export, the other three
+//! what became of the rest, handed to the exporter (`exported + failed + dropped <= created -
+//! sampled_out`, the difference is in flight). Never sum over `state`; divide by
+//! `state="created"` instead. `tapwire.agent.spans.kept` counts the spans head sampling dropped
+//! that a keep rule exported anyway (they are among those handed to the exporter).
 
 use std::sync::Arc;
 
@@ -162,9 +166,10 @@ pub fn agent_metrics(
         counter(
             "tapwire.agent.spans",
             "{span}",
-            "Spans by state: created (handed to the exporter), exported, failed, dropped.",
+            "Spans by state: created, sampled_out (not exported by sampling), exported, failed, dropped.",
             [
                 ("created", &c.spans_created),
+                ("sampled_out", &c.spans_sampled_out),
                 ("exported", &c.spans_exported),
                 ("failed", &c.spans_failed),
                 ("dropped", &c.spans_dropped),
@@ -172,6 +177,15 @@ pub fn agent_metrics(
             .into_iter()
             .map(|(state, n)| point(attr("state", state), get(n)))
             .collect(),
+        ),
+        counter(
+            "tapwire.agent.spans.kept",
+            "{span}",
+            "Spans head sampling dropped that a keep rule exported anyway, by rule.",
+            [("error", &c.spans_kept_error), ("latency", &c.spans_kept_latency)]
+                .into_iter()
+                .map(|(rule, n)| point(attr(crate::sampling::KEPT_BY_ATTRIBUTE, rule), get(n)))
+                .collect(),
         ),
         counter(
             "tapwire.agent.metric_points.exported",
@@ -246,9 +260,12 @@ mod tests {
             &c.connections_evicted,
             &c.routes_overflowed,
             &c.spans_created,
+            &c.spans_sampled_out,
             &c.spans_exported,
             &c.spans_failed,
             &c.spans_dropped,
+            &c.spans_kept_error,
+            &c.spans_kept_latency,
             &c.metric_points_exported,
             &c.metric_points_failed,
             &c.metric_snapshots_dropped,
@@ -302,13 +319,16 @@ mod tests {
                 row("tapwire.agent.connections.evicted", "{connection}", &[], 104),
                 row("tapwire.agent.routes.overflowed", "{request}", &[], 105),
                 row("tapwire.agent.spans", "{span}", &[("state", "created")], 106),
-                row("tapwire.agent.spans", "{span}", &[("state", "exported")], 107),
-                row("tapwire.agent.spans", "{span}", &[("state", "failed")], 108),
-                row("tapwire.agent.spans", "{span}", &[("state", "dropped")], 109),
-                row("tapwire.agent.metric_points.exported", "{data_point}", &[], 110),
-                row("tapwire.agent.metric_points.failed", "{data_point}", &[], 111),
-                row("tapwire.agent.metric_snapshots.dropped", "{snapshot}", &[], 112),
-                row("tapwire.agent.metric_series.overflowed", "{measurement}", &[], 113),
+                row("tapwire.agent.spans", "{span}", &[("state", "sampled_out")], 107),
+                row("tapwire.agent.spans", "{span}", &[("state", "exported")], 108),
+                row("tapwire.agent.spans", "{span}", &[("state", "failed")], 109),
+                row("tapwire.agent.spans", "{span}", &[("state", "dropped")], 110),
+                row("tapwire.agent.spans.kept", "{span}", &[("tapwire.sampling.kept_by", "error")], 111),
+                row("tapwire.agent.spans.kept", "{span}", &[("tapwire.sampling.kept_by", "latency")], 112),
+                row("tapwire.agent.metric_points.exported", "{data_point}", &[], 113),
+                row("tapwire.agent.metric_points.failed", "{data_point}", &[], 114),
+                row("tapwire.agent.metric_snapshots.dropped", "{snapshot}", &[], 115),
+                row("tapwire.agent.metric_series.overflowed", "{measurement}", &[], 116),
                 row("tapwire.agent.export.queue.size", "{span}", &[], 7),
                 row("tapwire.agent.metric_series.active", "{series}", &[], 3),
             ]

@@ -18,8 +18,14 @@ pub struct Counters {
     pub connections_evicted: AtomicU64,
     /// Requests whose route went to the per-service overflow route (too many distinct routes).
     pub routes_overflowed: AtomicU64,
-    /// Spans handed to the exporter.
+    /// Spans built from requests (before sampling).
     pub spans_created: AtomicU64,
+    /// Spans not exported because head sampling dropped their trace and no keep rule applied.
+    pub spans_sampled_out: AtomicU64,
+    /// Spans head sampling dropped, exported anyway because they have Error status.
+    pub spans_kept_error: AtomicU64,
+    /// Spans head sampling dropped, exported anyway because they were slower than their threshold.
+    pub spans_kept_latency: AtomicU64,
     /// Spans the collector accepted.
     pub spans_exported: AtomicU64,
     /// Spans whose export failed for good (after retries, or rejected by the collector).

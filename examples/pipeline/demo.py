@@ -8,7 +8,8 @@
 3. one request alone, started with a W3C traceparent so its trace is easy to find, then a
    bounded burst of requests (a known share failing on purpose), while the Prometheus endpoint
    is scraped every half second for queues;
-4. prints the trace of the first request, the per-service table, the service graph;
+4. prints the trace of the first request (from the spans), the per-service table and the
+   service graph (from the Prometheus endpoint);
 5. stops everything and removes the cgroups (with --keep: only after Ctrl-C).
 
 Exit status: 0 when everything ran and was cleaned up, 1 otherwise (the reason is printed).
@@ -36,6 +37,9 @@ SCRAPE_EVERY_S = 0.5
 # tapwire refreshes what its Prometheus endpoint serves every second.
 SNAPSHOT_S = 1.0
 BURST_DEADLINE_S = 30.0
+# tapwire's service graph holds a span this long for its other half (then: an unwatched peer).
+GRAPH_WAIT_S = 5.0
+GRAPH_PENDING = "tapwire_agent_service_graph_pending"
 
 
 def scrape(url: str) -> list[report.Sample]:
@@ -118,10 +122,16 @@ def run(args: argparse.Namespace, pipeline: stack.Stack) -> bool:
     expected = traffic.expected_requests(sent)
     expected_errors = traffic.expected_errors(sent)
 
-    # Wait until tapwire's snapshot counts every request the gateway served, then for the spans.
+    # The table: once tapwire's snapshot counts every request the gateway served.
     after = fresh_scrape(pipeline.prometheus_url, lambda s: report.by_job(
         s, f"{report.DURATION}_count").get("gateway", 0) >= expected["gateway"])
     window_s = time.monotonic() - before_t
+    # The graph: once no span waits for its other half any more (one whose other half never
+    # comes, a call from or to a service tapwire does not watch, waits GRAPH_WAIT_S).
+    log(f"waiting for tapwire's service graph to settle (a call from or to a service it does not "
+        f"watch is known as such after {GRAPH_WAIT_S:.0f} s)")
+    settled = fresh_scrape(pipeline.prometheus_url, lambda s: sum(
+        x.value for x in s if x.name == GRAPH_PENDING) == 0, timeout=GRAPH_WAIT_S + 5)
     want_spans = 2 * sum(expected.values())  # a SERVER span per request, about as many CLIENT
     try:
         pipeline.receiver.wait_for_spans(want_spans, timeout=5.0, settle=0.5)
@@ -157,9 +167,11 @@ def run(args: argparse.Namespace, pipeline: stack.Stack) -> bool:
         print(f"\nEvery count is what the requests sent imply "
               f"({', '.join(f'{s} {n}' for s, n in expected.items())}).")
 
-    section("service graph (from CLIENT spans: who called whom)")
-    edges = report.service_graph(spans, ports)
-    print(report.format_graph(edges, ["gateway"], watched))
+    section("service graph (tapwire's traces_service_graph_* metrics over the same requests)")
+    print(report.format_graph(report.service_graph(before, settled)))
+    print("* not watched by tapwire: `user` is whoever called without being watched (here the "
+          "demo itself), other names are the\n  address the callers used (here the static site, "
+          "called by the scraper, and the LLM stub, called by the orchestrator)")
 
     section("where to look")
     print(f"Prometheus endpoint: {pipeline.prometheus_url} (also /healthz)")

@@ -6,8 +6,8 @@
   the peak queue seen while the traffic ran;
 - `trace_tree(spans, trace_id, ...)`: one trace as an indented tree that follows parent span ids
   across services;
-- `service_graph(spans, ...)`: who calls whom, from CLIENT spans (the callee is the service of
-  the SERVER span below the CLIENT span, else the service listening on the port it called).
+- `service_graph(before, after)`: who calls whom, how often, how often it fails, from tapwire's
+  `traces_service_graph_*` metrics (client and server spans paired by their TCP connection).
 
 Nothing here does I/O, so tests/e2e/test_demo.py checks it on hand-made inputs too.
 """
@@ -287,54 +287,95 @@ def trace_tree(spans: list[dict[str, Any]], trace_id: str, ports: dict[int, str]
     return head + "\n" + "\n".join(lines), rows
 
 
+# ---- the service graph, from tapwire's servicegraph metrics ------------------------------------
+
+GRAPH = "traces_service_graph_request"
+
+
 @dataclasses.dataclass
 class Edge:
-    calls: int = 0
-    errors: int = 0
-    durations_ns: list[int] = dataclasses.field(default_factory=list)
+    calls: int
+    errors: int
+    median_s: float | None  # seen by the client (by the server when the client is not watched)
+    virtual: str | None  # which end tapwire does not watch: "client", "server" or None
 
 
-def service_graph(spans: list[dict[str, Any]], ports: dict[int, str]) -> dict[tuple[str, str], Edge]:
-    """(caller, callee) -> calls, errors and durations, one call per CLIENT span."""
-    children = _children_index(spans)
-    edges: dict[tuple[str, str], Edge] = defaultdict(Edge)
-    for span in spans:
-        if span["kind_name"] != "CLIENT":
+def _edge_sums(samples: Iterable[Sample], name: str) -> dict[tuple[str, str], float]:
+    sums: dict[tuple[str, str], float] = defaultdict(float)
+    for s in samples:
+        if s.name == name:
+            sums[(s.labels.get("client", ""), s.labels.get("server", ""))] += s.value
+    return sums
+
+
+def _edge_buckets(samples: Iterable[Sample], name: str) -> dict[tuple[str, str], dict[float, float]]:
+    buckets: dict[tuple[str, str], dict[float, float]] = defaultdict(lambda: defaultdict(float))
+    for s in samples:
+        if s.name == f"{name}_bucket":
+            key = (s.labels.get("client", ""), s.labels.get("server", ""))
+            buckets[key][float(s.labels["le"])] += s.value
+    return buckets
+
+
+def service_graph(before: list[Sample], after: list[Sample]) -> dict[tuple[str, str], Edge]:
+    """(client, server) -> the calls, failures and median duration that tapwire's
+    `traces_service_graph_*` metrics counted between the two scrapes."""
+    calls_b, calls_a = _edge_sums(before, f"{GRAPH}_total"), _edge_sums(after, f"{GRAPH}_total")
+    fail_b = _edge_sums(before, f"{GRAPH}_failed_total")
+    fail_a = _edge_sums(after, f"{GRAPH}_failed_total")
+    virtual = {(s.labels.get("client", ""), s.labels.get("server", "")): s.labels["virtual_node"]
+               for s in after if s.name == f"{GRAPH}_total" and s.labels.get("virtual_node")}
+    edges = {}
+    for key, total in calls_a.items():
+        calls = round(total - calls_b.get(key, 0.0))
+        if calls <= 0:
             continue
-        edge = edges[(span["service_name"], callee(span, children.get(span["span_id"], []), ports))]
-        edge.calls += 1
-        edge.errors += span["status_name"] == "ERROR"
-        edge.durations_ns.append(span["duration_ns"])
-    return dict(edges)
+        median = None
+        for side in ("client", "server"):
+            b = _edge_buckets(before, f"{GRAPH}_{side}_seconds").get(key, {})
+            a = _edge_buckets(after, f"{GRAPH}_{side}_seconds").get(key, {})
+            median = histogram_quantile(0.5, {le: n - b.get(le, 0.0) for le, n in a.items()})
+            if median is not None:
+                break
+        edges[key] = Edge(calls, round(fail_a.get(key, 0.0) - fail_b.get(key, 0.0)), median,
+                          virtual.get(key))
+    return edges
 
 
-def format_graph(edges: dict[tuple[str, str], Edge], entry: list[str], watched: set[str]) -> str:
-    """The graph drawn as a tree from the `entry` services (a service reached twice is drawn
-    under each caller), each arrow with its calls, errors and median client-side duration;
-    services tapwire does not watch are marked with `*`."""
+def format_graph(edges: dict[tuple[str, str], Edge]) -> str:
+    """The graph drawn as a tree from the nodes nobody calls (a node reached twice is drawn under
+    each caller), each arrow with its calls, failures and median duration; nodes tapwire does
+    not watch are marked with `*`."""
     out: dict[str, list[str]] = defaultdict(list)
-    for caller, target in edges:
-        out[caller].append(target)
+    unwatched = set()
+    for (client, server), edge in edges.items():
+        out[client].append(server)
+        if edge.virtual == "client":
+            unwatched.add(client)
+        if edge.virtual == "server":
+            unwatched.add(server)
+    called = {server for _, server in edges}
+    entry = sorted(set(out) - called) or sorted(out)[:1]
     lines: list[str] = []
 
-    def label(caller: str, target: str) -> str:
-        e = edges[(caller, target)]
-        median = sorted(e.durations_ns)[len(e.durations_ns) // 2] / 1e6
-        star = "" if target in watched else "*"
-        err = f", {e.errors} errors" if e.errors else ""
-        return f"{target}{star}  ({e.calls} calls{err}, median {median:.1f}ms)"
+    def star(node: str) -> str:
+        return f"{node}*" if node in unwatched else node
+
+    def label(client: str, server: str) -> str:
+        e = edges[(client, server)]
+        median = "" if e.median_s is None else f", median {e.median_s * 1000:.1f}ms"
+        failed = f", {e.errors} failed" if e.errors else ""
+        return f"{star(server)}  ({e.calls} calls{failed}{median})"
 
     def walk(node: str, prefix: str, path: tuple[str, ...]) -> None:
-        kids = sorted(out.get(node, []), key=lambda t: (t not in watched, t))
-        for i, target in enumerate(kids):
+        kids = sorted(out.get(node, []), key=lambda t: (t in unwatched, t))
+        for i, server in enumerate(kids):
             last = i == len(kids) - 1
-            lines.append(f"{prefix}{'`-> ' if last else '|-> '}{label(node, target)}")
-            if target not in path:
-                walk(target, prefix + ("    " if last else "|   "), path + (target,))
+            lines.append(f"{prefix}{'`-> ' if last else '|-> '}{label(node, server)}")
+            if server not in path:
+                walk(server, prefix + ("    " if last else "|   "), path + (server,))
 
     for node in entry:
-        lines.append(node)
+        lines.append(star(node))
         walk(node, "", (node,))
-    if any(t not in watched for _, t in edges):
-        lines.append("* not watched by tapwire: seen only from its callers' CLIENT spans")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ import contextlib
 import math
 import os
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -529,3 +530,32 @@ def test_chain_keeps_the_same_traces_in_both_services(tapwire_bin, cgroup2_root,
                                 f"{len(ids - expected)} unexpected, {len(expected - ids)} missing")
         print(f"{sampler} {ratio}: {len(expected)} of {CHAIN_REQUESTS} traces kept in both services")
         assert not problems, "\n".join(problems) + "\n" + s.diagnostics()
+
+
+# ---- bad settings -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env,args,message", [
+    ({"OTEL_TRACES_SAMPLER": "sometimes"}, [],
+     'OTEL_TRACES_SAMPLER="sometimes": unknown sampler, expected one of always_on, always_off, '
+     'traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio'),
+    ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.5"}, [],
+     'OTEL_TRACES_SAMPLER_ARG="1.5": traceidratio takes a sampling ratio between 0 and 1'),
+    ({"OTEL_TRACES_SAMPLER": "always_on"}, ["--traces-sampler", "parentbased_traceidratio",
+                                            "--traces-sampler-arg", "ten percent"],
+     '--traces-sampler-arg="ten percent": parentbased_traceidratio takes a sampling ratio'),
+    ({"TAPWIRE_KEEP_SLOWER_THAN": "checkout=fast"}, [],
+     'TAPWIRE_KEEP_SLOWER_THAN="checkout=fast": "fast" is not a duration'),
+    ({"TAPWIRE_KEEP_ERRORS": "sometimes"}, [],
+     'TAPWIRE_KEEP_ERRORS="sometimes": expected true or false'),
+])
+def test_bad_sampling_settings_stop_the_agent_with_their_name(tapwire_bin, cgroup, env, args,
+                                                              message):
+    """A bad sampler, ratio or keep rule: `tapwire run` exits 1 before loading anything, with
+    one error line naming the variable or flag and the value."""
+    path = cgroup("sampling-bad")
+    proc = subprocess.run([tapwire_bin, "run", "--cgroup", str(path), *args],
+                          env=procs.base_env({"TAPWIRE_EXPORTER": "none", **env}),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, f"exit {proc.returncode}\n{proc.stderr}"
+    assert message in proc.stderr, proc.stderr
+    assert "capture ready" not in proc.stderr, proc.stderr

@@ -120,6 +120,9 @@ pub fn parse_latency_rule(text: &str) -> Result<LatencyRule, String> {
 pub fn parse_duration(text: &str) -> Result<u64, String> {
     let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
+    if number.is_empty() {
+        return Err(format!("{text:?} is not a duration like 250ms or 1.5s"));
+    }
     let scale: f64 = match unit.trim() {
         "ns" => 1.0,
         "us" | "µs" => 1e3,
@@ -162,6 +165,8 @@ mod tests {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
         assert_eq!(parse_duration("250").unwrap_err(), "duration \"250\" has no unit: add ns, us, ms, s or m (e.g. 250ms)");
+        assert_eq!(parse_duration("fast").unwrap_err(), "\"fast\" is not a duration like 250ms or 1.5s");
+        assert_eq!(parse_duration("5h").unwrap_err(), "unknown duration unit \"h\": use ns, us, ms, s or m (e.g. 250ms)");
     }
 
     #[test]

@@ -92,17 +92,82 @@ fn pick(flag: Option<&str>, flag_name: &str, var: &str, env: &dyn Fn(&str) -> Op
     env(var).filter(|v| !v.trim().is_empty()).map(|value| Setting { origin: var.to_owned(), value })
 }
 
+/// The `sampling:` section of the configuration file; each setting is overridden by its flag
+/// and its variable.
+///
+/// ```yaml
+/// sampling:
+///   sampler: parentbased_traceidratio   # OTEL_TRACES_SAMPLER
+///   ratio: 0.1                          # OTEL_TRACES_SAMPLER_ARG
+///   keep_errors: true                   # TAPWIRE_KEEP_ERRORS
+///   keep_slower_than: ["2s", "checkout:/pay/{id}=500ms"]   # TAPWIRE_KEEP_SLOWER_THAN
+///   services:                           # per service.name, head sampling only
+///     checkout: { sampler: always_on }
+///     search: { sampler: traceidratio, ratio: 0.01 }
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SamplingFile {
+    /// Head sampler name, as `OTEL_TRACES_SAMPLER`.
+    pub sampler: Option<String>,
+    /// Ratio of the `*traceidratio` samplers, as `OTEL_TRACES_SAMPLER_ARG`.
+    pub ratio: Option<f64>,
+    /// Keep spans with Error status.
+    pub keep_errors: Option<bool>,
+    /// Latency keep rules, as `--keep-slower-than`.
+    pub keep_slower_than: Option<Vec<String>>,
+    /// Head sampler overrides by `service.name`.
+    pub services: Vec<(String, ServiceSamplingFile)>,
+}
+
+/// One service's head sampler in the configuration file.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceSamplingFile {
+    /// Head sampler name (default: the agent-wide one).
+    pub sampler: Option<String>,
+    /// Ratio of a `*traceidratio` sampler (default 1).
+    pub ratio: Option<f64>,
+}
+
 impl SamplingConfig {
-    /// Resolves the settings: `args` (the command line) over `env` (the environment).
+    /// Resolves the settings: `args` (the command line) over `env` (the environment), without
+    /// a configuration file.
     pub fn resolve(args: &SamplingArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<SamplingConfig, SamplingError> {
-        let sampler = pick(args.traces_sampler.as_deref(), "--traces-sampler", TRACES_SAMPLER, env);
-        let arg = pick(args.traces_sampler_arg.as_deref(), "--traces-sampler-arg", TRACES_SAMPLER_ARG, env);
+        Self::resolve_with_file(args, env, &SamplingFile::default())
+    }
+
+    /// Resolves the settings: `args` over `env` over `file`, setting by setting.
+    pub fn resolve_with_file(
+        args: &SamplingArgs,
+        env: &dyn Fn(&str) -> Option<String>,
+        file: &SamplingFile,
+    ) -> Result<SamplingConfig, SamplingError> {
+        let from_file = |key: &str, value: Option<String>| value.map(|value| Setting { origin: format!("sampling.{key}"), value });
+        let sampler = pick(args.traces_sampler.as_deref(), "--traces-sampler", TRACES_SAMPLER, env)
+            .or_else(|| from_file("sampler", file.sampler.clone()));
+        let arg = pick(args.traces_sampler_arg.as_deref(), "--traces-sampler-arg", TRACES_SAMPLER_ARG, env)
+            .or_else(|| from_file("ratio", file.ratio.map(|r| r.to_string())));
         let head = match sampler {
             None => HeadSampler::DEFAULT,
             Some(s) => parse_sampler(&s.origin, &s.value, arg.as_ref().map(|a| (a.origin.as_str(), a.value.as_str())))?,
         };
 
-        let keep_errors = match pick(args.keep_errors.as_deref(), "--keep-errors", KEEP_ERRORS, env) {
+        let mut per_service = Vec::new();
+        for (service, overrides) in &file.services {
+            let origin = format!("sampling.services.{service}.sampler");
+            // A ratio alone means the ratio sampler, parent-based when the agent-wide one is.
+            let name = match (&overrides.sampler, overrides.ratio) {
+                (Some(name), _) => name.clone(),
+                (None, Some(_)) => (if head.parent_based { "parentbased_traceidratio" } else { "traceidratio" }).to_owned(),
+                (None, None) => head.name().to_owned(),
+            };
+            let ratio_origin = format!("sampling.services.{service}.ratio");
+            let ratio = overrides.ratio.map(|r| r.to_string());
+            per_service.push((service.clone(), parse_sampler(&origin, &name, ratio.as_deref().map(|r| (ratio_origin.as_str(), r)))?));
+        }
+
+        let keep_errors = match pick(args.keep_errors.as_deref(), "--keep-errors", KEEP_ERRORS, env)
+            .or_else(|| from_file("keep_errors", file.keep_errors.map(|b| b.to_string())))
+        {
             None => true,
             Some(s) => match s.value.trim().to_ascii_lowercase().as_str() {
                 "true" | "1" | "yes" | "on" => true,
@@ -111,21 +176,21 @@ impl SamplingConfig {
             },
         };
 
-        let mut keep_slower_than = Vec::new();
-        let rules: Vec<(String, String)> = if args.keep_slower_than.is_empty() {
-            env(KEEP_SLOWER_THAN)
-                .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| (KEEP_SLOWER_THAN.to_owned(), s.to_owned())).collect())
-                .unwrap_or_default()
-        } else {
+        let rules: Vec<(String, String)> = if !args.keep_slower_than.is_empty() {
             args.keep_slower_than.iter().map(|s| ("--keep-slower-than".to_owned(), s.clone())).collect()
+        } else if let Some(v) = env(KEEP_SLOWER_THAN).filter(|v| !v.trim().is_empty()) {
+            v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| (KEEP_SLOWER_THAN.to_owned(), s.to_owned())).collect()
+        } else {
+            file.keep_slower_than.iter().flatten().map(|s| ("sampling.keep_slower_than".to_owned(), s.clone())).collect()
         };
+        let mut keep_slower_than = Vec::new();
         for (origin, value) in rules {
             match parse_latency_rule(&value) {
                 Ok(rule) => keep_slower_than.push(rule),
                 Err(reason) => return Err(SamplingError::BadKeepRule { origin, value, reason }),
             }
         }
-        Ok(SamplingConfig { head, per_service: Vec::new(), keep_errors, keep_slower_than })
+        Ok(SamplingConfig { head, per_service, keep_errors, keep_slower_than })
     }
 }
 
@@ -252,6 +317,66 @@ mod tests {
         // The ratio may come from the variable while the sampler comes from the flag.
         let mixed = SamplingArgs { traces_sampler_arg: None, ..args };
         assert_eq!(resolve(&mixed, &[(TRACES_SAMPLER_ARG, "0.1")]).unwrap().head.root, Root::ratio(0.1));
+    }
+
+    #[test]
+    fn file_settings_below_variables_and_flags() {
+        let file = SamplingFile {
+            sampler: Some("parentbased_traceidratio".into()),
+            ratio: Some(0.25),
+            keep_errors: Some(false),
+            keep_slower_than: Some(vec!["3s".into(), "checkout:/pay=1s".into()]),
+            services: vec![
+                ("checkout".into(), ServiceSamplingFile { sampler: Some("always_on".into()), ratio: None }),
+                ("search".into(), ServiceSamplingFile { sampler: None, ratio: Some(0.5) }),
+            ],
+        };
+        let with = |args: &SamplingArgs, vars: &[(&str, &str)], file: &SamplingFile| {
+            let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+            SamplingConfig::resolve_with_file(args, &|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()), file)
+        };
+        let c = with(&SamplingArgs::default(), &[], &file).unwrap();
+        assert_eq!(c.head, HeadSampler { root: Root::ratio(0.25), parent_based: true });
+        assert!(!c.keep_errors);
+        assert_eq!(c.keep_slower_than.len(), 2);
+        // A service with a ratio and no sampler name gets the ratio sampler, parent-based like
+        // the agent-wide one.
+        assert_eq!(
+            c.per_service,
+            vec![
+                ("checkout".into(), HeadSampler { root: Root::Always, parent_based: false }),
+                ("search".into(), HeadSampler { root: Root::ratio(0.5), parent_based: true }),
+            ]
+        );
+        // Variables override the file setting by setting.
+        let c = with(&SamplingArgs::default(), &[(TRACES_SAMPLER_ARG, "0.1"), (KEEP_ERRORS, "true"), (KEEP_SLOWER_THAN, "9s")], &file).unwrap();
+        assert_eq!(c.head, HeadSampler { root: Root::ratio(0.1), parent_based: true });
+        assert!(c.keep_errors);
+        assert_eq!(c.keep_slower_than, vec![LatencyRule { service: None, route: None, threshold_ns: 9_000_000_000 }]);
+        // Flags override both.
+        let args = SamplingArgs { traces_sampler: Some("always_off".into()), ..SamplingArgs::default() };
+        assert_eq!(with(&args, &[(TRACES_SAMPLER, "always_on")], &file).unwrap().head, HeadSampler { root: Root::Never, parent_based: false });
+        // File errors name the key.
+        let bad = SamplingFile { ratio: Some(2.0), ..file.clone() };
+        assert_eq!(
+            with(&SamplingArgs::default(), &[], &bad).unwrap_err().to_string(),
+            "sampling.ratio=\"2\": parentbased_traceidratio takes a sampling ratio between 0 and 1, e.g. 0.25"
+        );
+        let bad = SamplingFile {
+            services: vec![("cart".into(), ServiceSamplingFile { sampler: Some("most".into()), ratio: None })],
+            ..SamplingFile::default()
+        };
+        assert!(with(&SamplingArgs::default(), &[], &bad).unwrap_err().to_string().starts_with("sampling.services.cart.sampler=\"most\": unknown sampler"));
+        let always = SamplingFile {
+            services: vec![("search".into(), ServiceSamplingFile { sampler: None, ratio: Some(0.5) })],
+            ..SamplingFile::default()
+        };
+        assert_eq!(
+            with(&SamplingArgs::default(), &[(TRACES_SAMPLER, "always_on")], &always).unwrap().per_service,
+            vec![("search".into(), HeadSampler { root: Root::ratio(0.5), parent_based: false })]
+        );
+        let bad = SamplingFile { keep_slower_than: Some(vec!["soon".into()]), ..SamplingFile::default() };
+        assert!(with(&SamplingArgs::default(), &[], &bad).unwrap_err().to_string().starts_with("sampling.keep_slower_than=\"soon\": "));
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub mod rule;
 use std::sync::Arc;
 
 pub use self::{
-    config::{SamplingArgs, SamplingConfig, SamplingError},
+    config::{SamplingArgs, SamplingConfig, SamplingError, SamplingFile, ServiceSamplingFile},
     keep::{KeepRules, KeptBy, LatencyRule},
     rule::{HeadSampler, Parent, Root},
 };
@@ -51,6 +51,12 @@ impl Sampler {
     /// `(root: 0 never | 1 always | 2 ratio, parent_based: 0 | 1, threshold T)`; see [`rule`].
     pub fn kernel_params(&self) -> (u32 /* root */, u32 /* parent_based */, u64 /* T */) {
         self.head.kernel_params()
+    }
+
+    /// [`Sampler::kernel_params`] for one service: its override, else the default. The kernel
+    /// needs these per watched cgroup when services have overrides.
+    pub fn kernel_params_for(&self, service_name: &str) -> (u32, u32, u64) {
+        self.head_for(service_name).kernel_params()
     }
 
     /// The head sampler of a service (its override, else the default).
@@ -97,6 +103,7 @@ impl Sampler {
         tracing::info!(
             sampler = self.head.name(),
             ratio,
+            per_service = ?self.per_service,
             keep_errors = self.keep.errors,
             keep_slower_than = ?self.keep.slower_than,
             "span sampling"

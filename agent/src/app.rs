@@ -131,6 +131,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let selection = Selection { roots };
 
     let counters = Arc::new(Counters::default());
+    // Kubernetes metadata of this node's pods, watched in the background (never waited for).
+    let _pods = crate::discover::k8s::start(&crate::discover::k8s::K8sOptions::from_env()?, counters.clone()).await?;
     let export_config = export::resolve_config(args.exporter)?;
     let sampling = crate::sampling::SamplingConfig::resolve(&args.sampling, &|name| std::env::var(name).ok())?;
     let sampler = crate::sampling::Sampler::new(sampling, counters.clone());

@@ -279,13 +279,15 @@ def test_manifests_are_wired_together(rendered, overlay):
         if d["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
             assert d["metadata"].get("namespace") == "tapwire", f"{d['kind']} not in tapwire"
 
-    # RBAC: read pods and replicasets, nothing more, bound to the pod's ServiceAccount.
+    # RBAC: watch pods, get the ReplicaSets and Jobs they name as owners, nothing more, bound to
+    # the pod's ServiceAccount.
     sa = one(docs, "ServiceAccount")["metadata"]["name"]
     assert pod["serviceAccountName"] == sa
     role = one(docs, "ClusterRole")
     assert role["rules"] == [
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get"]},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]},
     ]
     binding = one(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",

@@ -15,6 +15,9 @@
 //! | `tapwire.agent.metric_points.failed` | `{data_point}` | | `metric_points_failed` |
 //! | `tapwire.agent.metric_snapshots.dropped` | `{snapshot}` | | `metric_snapshots_dropped` |
 //! | `tapwire.agent.metric_series.overflowed` | `{measurement}` | | `metric_series_overflowed` |
+//! | `tapwire.agent.k8s.api.failures` | `{request}` | `operation` = `list`, `watch`, `get_owner` | `k8s_*_failures` |
+//! | `tapwire.agent.k8s.relists` | `{list}` | | `k8s_relists` |
+//! | `tapwire.agent.k8s.pods.dropped` | `{pod}` | | `k8s_pods_dropped` |
 //! | gauges passed in, e.g. `tapwire.agent.export.queue.size` | `{span}` | | [`AgentGauge`] |
 //!
 //! `tapwire.agent.spans` is one metric with a `state` attribute so that one query shows the
@@ -211,6 +214,27 @@ pub fn agent_metrics(
             "Measurements recorded into an overflow series because of the series limit.",
             plain(get(&c.metric_series_overflowed)),
         ),
+        counter(
+            "tapwire.agent.k8s.api.failures",
+            "{request}",
+            "Kubernetes API requests that failed: pod lists and watches, owner (ReplicaSet, Job) lookups.",
+            [("list", &c.k8s_list_failures), ("watch", &c.k8s_watch_failures), ("get_owner", &c.k8s_owner_failures)]
+                .into_iter()
+                .map(|(operation, n)| point(attr("operation", operation), get(n)))
+                .collect(),
+        ),
+        counter(
+            "tapwire.agent.k8s.relists",
+            "{list}",
+            "Complete lists of this node's pods (the first one, and one after each expired watch).",
+            plain(get(&c.k8s_relists)),
+        ),
+        counter(
+            "tapwire.agent.k8s.pods.dropped",
+            "{pod}",
+            "Pods left without Kubernetes metadata (pod store full, or no uid).",
+            plain(get(&c.k8s_pods_dropped)),
+        ),
     ];
     metrics.extend(gauges.iter().map(|g| Metric {
         name: g.name.to_owned(),
@@ -270,6 +294,11 @@ mod tests {
             &c.metric_points_failed,
             &c.metric_snapshots_dropped,
             &c.metric_series_overflowed,
+            &c.k8s_list_failures,
+            &c.k8s_watch_failures,
+            &c.k8s_owner_failures,
+            &c.k8s_relists,
+            &c.k8s_pods_dropped,
         ];
         for (i, f) in fields.into_iter().enumerate() {
             Counters::add(f, 100 + i as u64);
@@ -329,6 +358,11 @@ mod tests {
                 row("tapwire.agent.metric_points.failed", "{data_point}", &[], 114),
                 row("tapwire.agent.metric_snapshots.dropped", "{snapshot}", &[], 115),
                 row("tapwire.agent.metric_series.overflowed", "{measurement}", &[], 116),
+                row("tapwire.agent.k8s.api.failures", "{request}", &[("operation", "list")], 117),
+                row("tapwire.agent.k8s.api.failures", "{request}", &[("operation", "watch")], 118),
+                row("tapwire.agent.k8s.api.failures", "{request}", &[("operation", "get_owner")], 119),
+                row("tapwire.agent.k8s.relists", "{list}", &[], 120),
+                row("tapwire.agent.k8s.pods.dropped", "{pod}", &[], 121),
                 row("tapwire.agent.export.queue.size", "{span}", &[], 7),
                 row("tapwire.agent.metric_series.active", "{series}", &[], 3),
             ]

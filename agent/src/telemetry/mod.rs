@@ -42,6 +42,17 @@ pub struct Counters {
     /// Measurements recorded into an overflow series (`otel.metric.overflow=true`) because
     /// their resource had reached its series limit.
     pub metric_series_overflowed: AtomicU64,
+    /// Lists of this node's pods that failed (Kubernetes API unreachable, refused, ...).
+    pub k8s_list_failures: AtomicU64,
+    /// Pod watches that failed to start or ended with an error (not counting an expired
+    /// resourceVersion, nor a watch that ended and was resumed).
+    pub k8s_watch_failures: AtomicU64,
+    /// ReplicaSet or Job lookups (for a pod's Deployment or CronJob) that failed.
+    pub k8s_owner_failures: AtomicU64,
+    /// Complete lists of this node's pods: the first, and one after every expired watch.
+    pub k8s_relists: AtomicU64,
+    /// Pods left without Kubernetes metadata (pod store full, or no uid).
+    pub k8s_pods_dropped: AtomicU64,
 }
 
 impl Counters {

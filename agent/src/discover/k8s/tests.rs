@@ -536,7 +536,7 @@ async fn off_or_outside_a_cluster_watches_nothing() {
     let no_node = K8sOptions { node_name: None, ..options("http://127.0.0.1:1") };
     assert!(matches!(start_store(&no_node, counters.clone()).await, Err(K8sError::NoNodeName)));
     let bad_url = options("http://[::1");
-    let err = start_store(&bad_url, counters).await.err().expect("bad URL");
+    let err = start_store(&bad_url, counters).await.expect_err("bad URL");
     assert!(err.to_string().contains("invalid API server URL \"http://[::1\""), "{err}");
 }
 

@@ -236,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         log("clean-up left something behind:\n" + "\n".join(problems))
         return 1
-    log(f"stopped tapwire and {len(pipeline.procs)} processes, removed cgroup "
-        f"{pipeline.root_cgroup}; nothing left running ({time.monotonic() - started:.1f} s in all)")
+    stopped = "tapwire and the pipeline" if pipeline.agent is not None else "the pipeline"
+    removed = f", removed cgroup {pipeline.root_cgroup}" if pipeline.root_cgroup else ""
+    log(f"stopped {stopped}{removed}; nothing left running "
+        f"({time.monotonic() - started:.1f} s in all)")
     return 0 if ok else 1
 
 

@@ -280,6 +280,7 @@ fn data_events(direction: Direction, tokens: &[Token], conn: &ConnSpec) -> Resul
                 payload: payload.clone(),
                 role: conn.role,
                 endpoints: conn.endpoints,
+                trace: None,
             })
         })
         .collect())

@@ -8,8 +8,12 @@
 //! sock:inet_sock_set_state records each connection's endpoints and role (client/server) by
 //! `struct sock` address; it fires in softirq context too, so nothing there trusts the pid.
 #![no_std]
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic add on map values: core::sync::atomic has no fetch_add for the BPF target")]
 #![no_main]
 
+mod context;
+mod inject;
 mod maps;
 mod sock;
 mod syscalls;

@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tapwire_common::{COUNTER_SLOTS, Counter, EventHeader, MAX_PAYLOAD, RING_BYTES, SockInfo};
+use tapwire_common::{COUNTER_SLOTS, Counter, EventHeader, MAX_PAYLOAD, RING_BYTES, SockInfo, TraceCtx};
 
 /// tgid of the agent: never captured, even if it sits in a selected cgroup. Set at load time.
 #[unsafe(no_mangle)]
@@ -41,7 +41,15 @@ pub struct Inflight {
     pub sock: u64,
     /// CLOCK_MONOTONIC at syscall entry.
     pub enter_ns: u64,
+    /// 1 when the connection already has a request without response (known at entry).
+    pub pipelined: u32,
+    pub _pad: u32,
 }
+
+/// pid_tgid -> client context the sk_msg program decided (and injected) during the thread's
+/// current send; taken by the syscall's exit probe.
+#[map(name = "SEND_CTX")]
+pub static SEND_CTX: LruHashMap<u64, TraceCtx> = LruHashMap::with_max_entries(16384, 0);
 
 #[map(name = "INFLIGHT")]
 pub static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(16384, 0);
@@ -100,3 +108,21 @@ pub struct Owner {
 /// resets happen in softirq context, where the current task says nothing about the socket.
 #[map(name = "OWNERS")]
 pub static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(65536, 0);
+
+/// Per-CPU copy of the start of a send, scanned by the sk_msg program (inject.rs) with the same
+/// code as captured payloads.
+#[map(name = "MSG_SCRATCH")]
+pub static MSG_SCRATCH: PerCpuArray<[u8; 2 * MAX_PAYLOAD]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The buffer a scan works on: `BUF_MSG` the sk_msg copy, otherwise the event payload.
+#[inline(always)]
+pub fn buffer(which: u32) -> Option<&'static [u8; 2 * MAX_PAYLOAD]> {
+    // SAFETY: per-CPU map values, alive while the program runs.
+    unsafe {
+        if which == crate::context::BUF_MSG {
+            MSG_SCRATCH.get_ptr(0).map(|p| &*p)
+        } else {
+            SCRATCH.get_ptr(0).map(|s| &(*s).payload)
+        }
+    }
+}

@@ -9,12 +9,16 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tapwire_common::{
-    Counter, WAKEUP_BYTES, DIR_EGRESS, DIR_INGRESS, EventKind, HEADER_LEN, MAX_PAYLOAD, SockInfo, Syscall,
+    Counter, DIR_EGRESS, DIR_INGRESS, EventKind, HEADER_LEN, MAX_PAYLOAD, ROLE_CLIENT, ROLE_SERVER,
+    SockInfo, Syscall, TraceCtx, WAKEUP_BYTES,
 };
 
-use crate::maps::{
-    EVENTS, FD_SOCKS, INFLIGHT, Inflight, OWNERS, Owner, PAYLOAD_CAP, SCRATCH, SOCKS, Scratch, count,
-    selected,
+use crate::{
+    context::{self, CLIENT_PENDING},
+    maps::{
+        EVENTS, FD_SOCKS, INFLIGHT, Inflight, OWNERS, Owner, PAYLOAD_CAP, SCRATCH, SEND_CTX, SOCKS, Scratch, count,
+        selected,
+    },
 };
 
 /// bpf_ringbuf_query / bpf_ringbuf_output flags (uapi bpf.h).
@@ -53,6 +57,20 @@ fn enter(ctx: &TracePointContext, syscall: Syscall, direction: u32) -> u32 {
             ctx.read_at::<u64>(ARG2).unwrap_or(0),
         )
     };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // A send on a client connection that still waits for a response is pipelined: the sk_msg
+    // program must leave it alone. The socket is known from earlier traffic on the fd (a
+    // connection's first request cannot be pipelined).
+    let mut pipelined = 0;
+    if direction == DIR_EGRESS {
+        let key = (pid_tgid & 0xffff_ffff_0000_0000) | (fd as u64 & 0xffff_ffff);
+        // SAFETY: values are copied immediately.
+        if let Some(sock) = unsafe { FD_SOCKS.get(&key) }.copied()
+            && CLIENT_PENDING.get_ptr(&sock).is_some()
+        {
+            pipelined = 1;
+        }
+    }
     let inflight = Inflight {
         syscall: syscall as u32,
         direction,
@@ -61,8 +79,10 @@ fn enter(ctx: &TracePointContext, syscall: Syscall, direction: u32) -> u32 {
         count: count_arg,
         sock: 0,
         enter_ns: unsafe { bpf_ktime_get_ns() },
+        pipelined,
+        _pad: 0,
     };
-    if INFLIGHT.insert(&bpf_get_current_pid_tgid(), &inflight, 0).is_err() {
+    if INFLIGHT.insert(&pid_tgid, &inflight, 0).is_err() {
         count(Counter::InflightMapFull);
     }
     0
@@ -183,7 +203,56 @@ fn exit(ctx: &TracePointContext) -> u32 {
     scratch.header.captured_len = captured as u32;
     scratch.header.fd = inflight.fd as i32;
     scratch.header.syscall = inflight.syscall;
+    tapwire_trace_context(pid_tgid, inflight.sock, inflight.direction, captured as u32);
     output(scratch, captured as usize)
+}
+
+/// Sets the trace context of the event assembled in the scratch space: that of the request
+/// this syscall starts, if it starts one (see context.rs); also keeps the books of requests in
+/// flight. A global function, so the verifier checks it once on its own rather than once for
+/// every path through the payload copy that precedes it.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tapwire_trace_context(pid_tgid: u64, sock: u64, direction: u32, captured: u32) -> u32 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return 0 };
+    // SAFETY: per-CPU scratch owned by the calling program invocation.
+    let scratch: &mut Scratch = unsafe { &mut *scratch };
+    let captured = (captured as usize) & (2 * MAX_PAYLOAD - 1);
+    scratch.header.trace = trace_context(sock, direction, pid_tgid, scratch, captured);
+    0
+}
+
+#[inline(always)]
+fn trace_context(sock: u64, direction: u32, pid_tgid: u64, scratch: &Scratch, captured: usize) -> TraceCtx {
+    let p = &scratch.payload;
+    let starts_request = captured >= 8 && context::is_request_start([p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]]);
+    match (scratch.header.sock_info.role, direction) {
+        (ROLE_SERVER, DIR_INGRESS) => {
+            if starts_request && !context::server_request_in_flight(sock) {
+                return context::server_request(sock, pid_tgid, p, captured);
+            }
+        }
+        // The response starts: the request is no longer in flight.
+        (ROLE_SERVER, _) => context::server_request_done(sock),
+        (ROLE_CLIENT, DIR_EGRESS) => {
+            // SAFETY: the value is copied before the entry is removed.
+            if let Some(trace) = unsafe { SEND_CTX.get(&pid_tgid) }.copied() {
+                // Decided (and injected) by the sk_msg program during this send.
+                let _ = SEND_CTX.remove(&pid_tgid);
+                let _ = CLIENT_PENDING.insert(&sock, &1, 0);
+                return trace;
+            }
+            if starts_request && CLIENT_PENDING.get_ptr(&sock).is_none() {
+                let _ = CLIENT_PENDING.insert(&sock, &1, 0);
+                return context::client_request(pid_tgid, context::has_traceparent(captured));
+            }
+        }
+        (ROLE_CLIENT, _) => {
+            let _ = CLIENT_PENDING.remove(&sock);
+        }
+        _ => {}
+    }
+    TraceCtx::EMPTY
 }
 
 #[inline(always)]
@@ -206,6 +275,7 @@ pub(crate) fn fill_header(
     h.captured_len = 0;
     h.fd = -1;
     h.syscall = 0;
+    h.trace = TraceCtx::EMPTY;
     // SAFETY: the value is copied immediately.
     h.sock_info = match unsafe { SOCKS.get(&sock) } {
         Some(info) => *info,
@@ -271,6 +341,8 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     // SAFETY: the value is copied immediately.
     let Some(sock) = (unsafe { FD_SOCKS.get(&key) }).copied() else { return 0 };
     let _ = FD_SOCKS.remove(&key);
+    context::server_request_done(sock);
+    let _ = CLIENT_PENDING.remove(&sock);
     let ts = unsafe { bpf_ktime_get_ns() };
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return 0 };
     // SAFETY: per-CPU scratch owned by this program invocation.

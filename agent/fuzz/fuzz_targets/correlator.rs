@@ -56,6 +56,7 @@ fuzz_target!(|data: &[u8]| {
                     _ => Role::Unknown,
                 },
                 endpoints: (k != 7).then_some(endpoints),
+                trace: None,
             }),
         };
         c.on_event(event, &mut resources, &mut spans);

@@ -3,7 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tapwire_common::{
-    DIR_EGRESS, EventHeader, EventKind, HEADER_LEN, ROLE_CLIENT, ROLE_SERVER, SockInfo, Syscall,
+    CTX_CLIENT, CTX_SERVER, DIR_EGRESS, EventHeader, EventKind, HEADER_LEN, INJECT_DONE, PARENT_APP_HEADER,
+    PARENT_HEADER, PARENT_PROCESS, PARENT_THREAD, ROLE_CLIENT, ROLE_SERVER, SockInfo, Syscall, TraceCtx,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -53,6 +54,82 @@ pub struct DataEvent {
     pub payload: Vec<u8>,
     pub role: Role,
     pub endpoints: Option<Endpoints>,
+    /// Trace context the kernel decided for the request this event starts, if it starts one.
+    pub trace: Option<KernelTrace>,
+}
+
+/// Where the parent of a span with kernel-decided ids comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParentSource {
+    /// No parent: the span starts a trace.
+    None,
+    /// SERVER span: the request's own `traceparent`.
+    Header,
+    /// CLIENT span: the one server request in flight on the sending thread.
+    Thread,
+    /// CLIENT span: the one server request in flight in the sending process.
+    Process,
+    /// CLIENT span: the application sent its own `traceparent`; its ids win.
+    AppHeader,
+}
+
+impl ParentSource {
+    /// Label value for the agent's own metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParentSource::None => "none",
+            ParentSource::Header => "header",
+            ParentSource::Thread => "thread",
+            ParentSource::Process => "process",
+            ParentSource::AppHeader => "application",
+        }
+    }
+}
+
+/// Ids the kernel drew for a SERVER or CLIENT span, known there before the span's request was
+/// sent on, so that the `traceparent` it injected names exactly this span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelTrace {
+    pub side: Role,
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// The parent span (from the header for SERVER spans, the in-flight server request for
+    /// CLIENT spans); `None` when `source` is `None`.
+    pub parent_span_id: Option<[u8; 8]>,
+    pub source: ParentSource,
+    pub flags: u8,
+    /// The kernel inserted `traceparent` into this request.
+    pub injected: bool,
+}
+
+impl KernelTrace {
+    fn decode(t: &TraceCtx) -> Option<KernelTrace> {
+        let side = match t.kind {
+            CTX_SERVER => Role::Server,
+            CTX_CLIENT => Role::Client,
+            _ => return None,
+        };
+        let source = match t.source {
+            PARENT_HEADER => ParentSource::Header,
+            PARENT_THREAD => ParentSource::Thread,
+            PARENT_PROCESS => ParentSource::Process,
+            PARENT_APP_HEADER => ParentSource::AppHeader,
+            _ => ParentSource::None,
+        };
+        if t.trace_id == [0; 16] || t.span_id == [0; 8] {
+            return None;
+        }
+        let parent = (t.parent_span_id != [0; 8]).then_some(t.parent_span_id);
+        Some(KernelTrace {
+            side,
+            trace_id: t.trace_id,
+            span_id: t.span_id,
+            parent_span_id: parent,
+            source: if parent.is_none() && source != ParentSource::AppHeader { ParentSource::None } else { source },
+            flags: t.flags as u8,
+            injected: t.inject == INJECT_DONE,
+        })
+    }
 }
 
 /// TCP-level trouble on a connection of a watched process (kernel context: `origin.tid` is 0,
@@ -134,6 +211,7 @@ impl Event {
                         _ => Role::Unknown,
                     },
                     endpoints: endpoints(&h.sock_info),
+                    trace: KernelTrace::decode(&h.trace),
                 }))
             }
             None => Err(DecodeError::UnknownKind(h.kind)),

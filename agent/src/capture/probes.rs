@@ -1,13 +1,13 @@
 //! The embedded eBPF object: load, attach every hook, keep the cgroup selection map in sync.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, path::{Path, PathBuf}};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, SockHash},
+    programs::{CgroupAttachMode, SkMsg, SockOps, TracePoint},
 };
-use tapwire_common::{COUNTER_SLOTS, MAX_PAYLOAD, names};
+use tapwire_common::{COUNTER_SLOTS, MAX_PAYLOAD, SamplerParams, names};
 
 /// The object built by agent/build.rs from ebpf-probes/ (empty when built without eBPF).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapwire-probes"));
@@ -42,6 +42,13 @@ pub const HOOKS: &[(&str, &str, &str, &str)] = &[
     ("tcp_receive_reset", "tcp", "tcp_receive_reset", "resets received per service"),
 ];
 
+/// The programs that carry trace context to the next service (`--context-propagation
+/// headers`): (program name, what it is for). Not attached with `off`.
+pub const PROPAGATION_HOOKS: &[(&str, &str)] = &[
+    ("client_sockets", "sock_ops on the watched cgroups: adds their client TCP sockets to a sockhash"),
+    ("inject_traceparent", "sk_msg on that sockhash: inserts traceparent into outbound HTTP/1 requests"),
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     #[error("this tapwire binary was built without its eBPF programs (bpf-linker was missing at build time); rebuild with `cargo xtask build`")]
@@ -56,6 +63,10 @@ pub enum CaptureError {
     ProgramLoad { name: &'static str, #[source] source: aya::programs::ProgramError },
     #[error("could not attach {category}:{name}")]
     Attach { category: &'static str, name: &'static str, #[source] source: aya::programs::ProgramError },
+    #[error("could not attach {name} to cgroup {}", path.display())]
+    AttachCgroup { name: &'static str, path: PathBuf, #[source] source: aya::programs::ProgramError },
+    #[error("could not open cgroup {} to attach {name}", path.display())]
+    OpenCgroup { name: &'static str, path: PathBuf, #[source] source: std::io::Error },
     #[error("map operation on {map} failed")]
     Map { map: &'static str, #[source] source: aya::maps::MapError },
 }
@@ -89,6 +100,9 @@ pub struct ProgramRunStats {
 pub struct Probes {
     ebpf: Ebpf,
     selected: HashSet<u64>,
+    /// cgroup directories the sock_ops program is attached to.
+    propagation_cgroups: HashSet<PathBuf>,
+    propagation_loaded: bool,
 }
 
 impl Probes {
@@ -108,7 +122,9 @@ impl Probes {
             .override_global(names::PAYLOAD_CAP, &cap, true)
             .load(OBJECT)
             .map_err(CaptureError::Load)?;
-        Ok(Probes { ebpf, selected: HashSet::new() })
+        let mut probes = Probes { ebpf, selected: HashSet::new(), propagation_cgroups: HashSet::new(), propagation_loaded: false };
+        probes.set_sampler(SamplerParams::DEFAULT)?;
+        Ok(probes)
     }
 
     /// Loads and attaches one hook.
@@ -130,6 +146,67 @@ impl Probes {
         for hook in HOOKS {
             self.attach(hook)?;
         }
+        Ok(())
+    }
+
+    /// The head-sampling rule the kernel applies to traces that start here (its decision is the
+    /// sampled flag of the trace ids it draws and of the `traceparent` it injects).
+    pub fn set_sampler(&mut self, params: SamplerParams) -> Result<(), CaptureError> {
+        let map = self.ebpf.map_mut(names::SAMPLER).ok_or(CaptureError::MissingMap(names::SAMPLER))?;
+        let mut array: Array<&mut MapData, SamplerParams> =
+            Array::try_from(map).map_err(|source| CaptureError::Map { map: names::SAMPLER, source })?;
+        array.set(0, params, 0).map_err(|source| CaptureError::Map { map: names::SAMPLER, source })
+    }
+
+    /// Loads the propagation programs and attaches the sk_msg one to its sockhash (this alone
+    /// touches no traffic: the sockhash is empty until sock_ops runs on a watched cgroup).
+    pub fn load_propagation(&mut self) -> Result<(), CaptureError> {
+        if self.propagation_loaded {
+            return Ok(());
+        }
+        let (ops_name, msg_name) = (PROPAGATION_HOOKS[0].0, PROPAGATION_HOOKS[1].0);
+        let ops: &mut SockOps = self
+            .ebpf
+            .program_mut(ops_name)
+            .ok_or(CaptureError::MissingProgram(ops_name))?
+            .try_into()
+            .map_err(|source| CaptureError::ProgramLoad { name: ops_name, source })?;
+        ops.load().map_err(|source| CaptureError::ProgramLoad { name: ops_name, source })?;
+        let map = self.ebpf.map(names::CLIENT_SOCKS).ok_or(CaptureError::MissingMap(names::CLIENT_SOCKS))?;
+        let socks: SockHash<&MapData, u64> =
+            SockHash::try_from(map).map_err(|source| CaptureError::Map { map: names::CLIENT_SOCKS, source })?;
+        let map_fd = socks.fd().try_clone().map_err(|e| CaptureError::Map { map: names::CLIENT_SOCKS, source: e.into() })?;
+        let msg: &mut SkMsg = self
+            .ebpf
+            .program_mut(msg_name)
+            .ok_or(CaptureError::MissingProgram(msg_name))?
+            .try_into()
+            .map_err(|source| CaptureError::ProgramLoad { name: msg_name, source })?;
+        msg.load().map_err(|source| CaptureError::ProgramLoad { name: msg_name, source })?;
+        msg.attach(&map_fd).map_err(|source| CaptureError::Attach { category: "sk_msg", name: msg_name, source })?;
+        self.propagation_loaded = true;
+        Ok(())
+    }
+
+    /// Attaches the sock_ops program to a cgroup directory (and so to every cgroup below it),
+    /// alongside any program other software attached there. Idempotent.
+    pub fn attach_propagation(&mut self, cgroup: &Path) -> Result<(), CaptureError> {
+        if self.propagation_cgroups.contains(cgroup) {
+            return Ok(());
+        }
+        self.load_propagation()?;
+        let name = PROPAGATION_HOOKS[0].0;
+        let dir = std::fs::File::open(cgroup)
+            .map_err(|source| CaptureError::OpenCgroup { name, path: cgroup.to_owned(), source })?;
+        let ops: &mut SockOps = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(CaptureError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| CaptureError::ProgramLoad { name, source })?;
+        ops.attach(&dir, CgroupAttachMode::AllowMultiple)
+            .map_err(|source| CaptureError::AttachCgroup { name, path: cgroup.to_owned(), source })?;
+        self.propagation_cgroups.insert(cgroup.to_owned());
         Ok(())
     }
 

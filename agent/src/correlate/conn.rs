@@ -9,7 +9,7 @@ use super::{
     span::{ConnView, Outcome},
 };
 use crate::{
-    capture::event::{DataEvent, Direction, Endpoints, Role},
+    capture::event::{DataEvent, Direction, Endpoints, KernelTrace, Role},
     model::{Resource, Span},
     protocols::http1::{
         Head, Http1Event, Http1Stream, MessageKind, NoHints, Sniff, Start, sniff_request,
@@ -145,6 +145,9 @@ struct HttpConn {
     current_request: Option<u64>,
     /// Monotonic ns of the latest data event: the "last seen byte" of unanswered requests.
     last_data_ts: u64,
+    /// Kernel trace context of the data event at this time: it belongs to the request whose
+    /// head starts in that event, and to no other.
+    kernel_trace: Option<(u64, KernelTrace)>,
 }
 
 impl HttpConn {
@@ -156,6 +159,7 @@ impl HttpConn {
             exchanges: Exchanges::new(ctx.config.max_pending_requests),
             current_request: None,
             last_data_ts: 0,
+            kernel_trace: None,
         }
     }
 
@@ -167,6 +171,15 @@ impl HttpConn {
             (Side::Server, Direction::Ingress) | (Side::Client, Direction::Egress)
         );
         let mut events = std::mem::take(&mut ctx.scratch);
+        if let Some(t) = d.trace
+            && to_requests
+            && t.side == match self.side {
+                Side::Server => Role::Server,
+                Side::Client => Role::Client,
+            }
+        {
+            self.kernel_trace = Some((ts, t));
+        }
         if to_requests {
             self.requests.feed(ts, total, &d.payload, &NoHints, &mut events);
         } else {
@@ -200,7 +213,11 @@ impl HttpConn {
                         self.on_response_event(e, view, ctx, out);
                     }
                 }
-                self.current_request = self.exchanges.push(Box::new(request), start_ts);
+                let kernel_trace = match self.kernel_trace.take() {
+                    Some((ts, t)) if ts == start_ts => Some(t),
+                    _ => None,
+                };
+                self.current_request = self.exchanges.push(Box::new(request), start_ts, kernel_trace);
                 if self.current_request.is_none() {
                     ctx.request_dropped(self.exchanges.len());
                 }

@@ -3,7 +3,10 @@
 
 use std::collections::VecDeque;
 
-use crate::protocols::http1::{RequestHead, RequestHint, RequestHints, ResponseHead};
+use crate::{
+    capture::event::KernelTrace,
+    protocols::http1::{RequestHead, RequestHint, RequestHints, ResponseHead},
+};
 
 /// One request and, once it comes, its response.
 #[derive(Debug)]
@@ -18,6 +21,8 @@ pub(crate) struct Exchange {
     /// The response head, when captured.
     pub response: Option<Box<ResponseHead>>,
     pub response_body: u64,
+    /// Ids the kernel decided for this request's span.
+    pub kernel_trace: Option<KernelTrace>,
 }
 
 impl Exchange {
@@ -92,7 +97,7 @@ impl Exchanges {
 
     /// Queues a request. Returns its id, or None when the queue is full (the request then
     /// only holds its place).
-    pub fn push(&mut self, request: Box<RequestHead>, start_ts: u64) -> Option<u64> {
+    pub fn push(&mut self, request: Box<RequestHead>, start_ts: u64, kernel_trace: Option<KernelTrace>) -> Option<u64> {
         if self.real >= self.cap {
             self.push_dropped();
             return None;
@@ -108,6 +113,7 @@ impl Exchanges {
             answered: false,
             response: None,
             response_body: 0,
+            kernel_trace,
         }));
         Some(id)
     }
@@ -230,8 +236,8 @@ mod tests {
     #[test]
     fn fifo_pairing() {
         let mut q = Exchanges::new(8);
-        let a = q.push(req("GET"), 1).unwrap();
-        let b = q.push(req("POST"), 2).unwrap();
+        let a = q.push(req("GET"), 1, None).unwrap();
+        let b = q.push(req("POST"), 2, None).unwrap();
         q.request_end(b, 10);
         assert_eq!(q.response_head(resp(200)), Paired::Exchange);
         let done = q.response_end(5).unwrap();
@@ -247,17 +253,17 @@ mod tests {
     #[test]
     fn dropped_requests_keep_their_turn() {
         let mut q = Exchanges::new(2);
-        q.push(req("GET"), 1).unwrap();
-        q.push(req("GET"), 2).unwrap();
-        assert!(q.push(req("HEAD"), 3).is_none());
-        assert!(q.push(req("GET"), 4).is_none());
+        q.push(req("GET"), 1, None).unwrap();
+        q.push(req("GET"), 2, None).unwrap();
+        assert!(q.push(req("HEAD"), 3, None).is_none());
+        assert!(q.push(req("GET"), 4, None).is_none());
         assert_eq!(q.slots(), 3, "the two dropped requests share one slot");
         for _ in 0..2 {
             q.response_head(resp(200));
             assert!(q.response_end(0).is_some());
         }
         // A new request after the dropped ones waits behind them.
-        let late = q.push(req("HEAD"), 5).unwrap();
+        let late = q.push(req("HEAD"), 5, None).unwrap();
         assert_eq!(q.hint(0), RequestHint::Normal);
         assert_eq!(q.hint(2), RequestHint::Head);
         assert_eq!(q.response_head(resp(200)), Paired::Dropped);
@@ -271,9 +277,9 @@ mod tests {
     #[test]
     fn hints_skip_the_answered_front() {
         let mut q = Exchanges::new(8);
-        q.push(req("GET"), 1);
-        q.push(req("HEAD"), 2);
-        q.push(req("CONNECT"), 3);
+        q.push(req("GET"), 1, None);
+        q.push(req("HEAD"), 2, None);
+        q.push(req("CONNECT"), 3, None);
         assert_eq!(q.hint(0), RequestHint::Normal);
         q.response_head(resp(200));
         assert_eq!(q.hint(0), RequestHint::Head);

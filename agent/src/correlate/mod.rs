@@ -157,7 +157,13 @@ impl Ctx {
     /// Builds the span of a finished exchange and hands it over.
     fn emit(&mut self, conn: &ConnView<'_>, ex: Exchange, end_ts: u64, outcome: Outcome, out: &mut Vec<Span>) {
         let headers = &ex.request.headers;
-        let (ids, invalid) = trace::span_ids(headers.traceparent.as_deref(), headers.tracestate.as_deref(), &mut self.rng);
+        let (ids, invalid) = match ex.kernel_trace {
+            Some(k) => {
+                self.counters.count_parent(k.source);
+                trace::kernel_span_ids(&k, headers.traceparent.as_deref(), headers.tracestate.as_deref())
+            }
+            None => trace::span_ids(headers.traceparent.as_deref(), headers.tracestate.as_deref(), &mut self.rng),
+        };
         if invalid {
             self.stats.invalid_traceparent += 1;
             if let Some(suppressed) = self.log_traceparent.check() {

@@ -40,6 +40,7 @@ fn data(sock: u64, role: Role, direction: Direction, ts: u64, payload: &[u8], ga
         payload: payload.to_vec(),
         role,
         endpoints: Some(endpoints()),
+        trace: None,
     })
 }
 

@@ -2,6 +2,8 @@
 
 use rand::{Rng, RngCore};
 
+use crate::capture::event::{KernelTrace, ParentSource, Role};
+
 /// Ids and flags of a span about to be built.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SpanIds {
@@ -41,6 +43,33 @@ pub(crate) fn parse_traceparent(value: &str) -> Option<TraceParent> {
         return None;
     }
     Some(tp)
+}
+
+/// Ids of a span whose context the kernel decided (see ebpf-probes/src/context.rs): the kernel
+/// drew them before the request went on, so they are the ones any injected `traceparent`
+/// carries. A CLIENT request that carries the application's own `traceparent` takes that
+/// header's trace and span ids (the downstream SERVER span nests under it), keeping the
+/// kernel's parent only when it is in the same trace. Returns the ids and whether a
+/// `traceparent` was present but invalid.
+pub(crate) fn kernel_span_ids(k: &KernelTrace, traceparent: Option<&str>, tracestate: Option<&str>) -> (SpanIds, bool) {
+    let state = || tracestate.unwrap_or_default().trim().to_owned();
+    let parsed = traceparent.map(parse_traceparent);
+    let invalid = matches!(parsed, Some(None));
+    if k.side == Role::Client
+        && k.source == ParentSource::AppHeader
+        && let Some(Some(tp)) = parsed
+    {
+        let parent = k.parent_span_id.filter(|_| k.trace_id == tp.trace_id);
+        return (
+            SpanIds { trace_id: tp.trace_id, span_id: tp.span_id, parent_span_id: parent, flags: tp.flags, trace_state: state() },
+            false,
+        );
+    }
+    let trace_state = if k.source == ParentSource::Header { state() } else { String::new() };
+    (
+        SpanIds { trace_id: k.trace_id, span_id: k.span_id, parent_span_id: k.parent_span_id, flags: k.flags, trace_state },
+        invalid,
+    )
 }
 
 /// A random non-zero id.

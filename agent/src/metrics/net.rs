@@ -296,6 +296,7 @@ mod tests {
             payload: Vec::new(),
             role,
             endpoints: None,
+            trace: None,
         })
     }
 

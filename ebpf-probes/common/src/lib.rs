@@ -16,6 +16,11 @@ pub mod names {
     pub const AGENT_TGID: &str = "AGENT_TGID";
     /// Global: how many payload bytes to copy per syscall (at most [`crate::MAX_PAYLOAD`]).
     pub const PAYLOAD_CAP: &str = "PAYLOAD_CAP";
+    /// Single-slot array holding the [`crate::SamplerParams`] the kernel applies to new traces.
+    pub const SAMPLER: &str = "SAMPLER";
+    /// Sockhash of the client TCP sockets of selected cgroups (sock_ops adds them, the
+    /// sk_msg program that injects `traceparent` is attached to it).
+    pub const CLIENT_SOCKS: &str = "CLIENT_SOCKS";
 }
 
 /// Largest payload prefix one event can carry. The runtime cap (`PAYLOAD_CAP`) is at most this.
@@ -139,6 +144,95 @@ impl SockInfo {
     };
 }
 
+/// What the trace context of a data event says (`TraceCtx::kind`).
+pub const CTX_NONE: u32 = 0;
+/// The event starts a request the process serves: the ids are those of its SERVER span.
+pub const CTX_SERVER: u32 = 1;
+/// The event starts a request the process sends: the ids are those of its CLIENT span.
+pub const CTX_CLIENT: u32 = 2;
+
+/// Where the parent of a span decided in the kernel comes from (`TraceCtx::source`).
+/// No parent: the span starts a new trace (a CLIENT span here is "unparented").
+pub const PARENT_NONE: u32 = 0;
+/// SERVER span: the `traceparent` header of the request it serves.
+pub const PARENT_HEADER: u32 = 1;
+/// CLIENT span: the only server request in flight on the sending thread.
+pub const PARENT_THREAD: u32 = 2;
+/// CLIENT span: the only server request in flight in the sending process.
+pub const PARENT_PROCESS: u32 = 3;
+/// CLIENT span: the request carries the application's own `traceparent`; user space takes its
+/// ids from that header (the kernel ids are unused).
+pub const PARENT_APP_HEADER: u32 = 4;
+
+/// What the sk_msg program did to an outbound request (`TraceCtx::inject`).
+pub const INJECT_NOT_TRIED: u32 = 0;
+/// `traceparent: 00-<trace_id>-<span_id>-<flags>` was inserted after the request line.
+pub const INJECT_DONE: u32 = 1;
+
+/// Trace context the kernel decided for the request an event starts. Ids are in wire order
+/// (the bytes of their hex form); zero parent means none.
+#[repr(C)]
+#[derive(Clone, Copy)]
+#[cfg_attr(feature = "user", derive(Debug, PartialEq, Eq))]
+pub struct TraceCtx {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: [u8; 8],
+    /// One of `CTX_*`.
+    pub kind: u32,
+    /// One of `PARENT_*`.
+    pub source: u32,
+    /// W3C trace flags (bit 0: sampled).
+    pub flags: u32,
+    /// One of `INJECT_*`.
+    pub inject: u32,
+}
+
+impl TraceCtx {
+    pub const EMPTY: Self = Self {
+        trace_id: [0; 16],
+        span_id: [0; 8],
+        parent_span_id: [0; 8],
+        kind: CTX_NONE,
+        source: PARENT_NONE,
+        flags: 0,
+        inject: INJECT_NOT_TRIED,
+    };
+}
+
+/// Head sampling for traces that start on this node, applied in the kernel so that the
+/// `traceparent` it injects carries the decision. A trace is kept when its randomness (the 56
+/// least significant bits of the trace id, read big-endian) is at least `threshold`
+/// (OpenTelemetry consistent probability sampling): 0 keeps all, 2^56 none.
+#[repr(C)]
+#[derive(Clone, Copy)]
+#[cfg_attr(feature = "user", derive(Debug, PartialEq, Eq))]
+pub struct SamplerParams {
+    pub threshold: u64,
+    /// 1: a request with an incoming `traceparent` follows its sampled flag (parent-based).
+    pub parent_based: u32,
+    pub _pad: u32,
+}
+
+/// 2^56: the threshold that keeps nothing.
+pub const SAMPLE_NONE: u64 = 1 << 56;
+
+impl SamplerParams {
+    /// parentbased_always_on, the OpenTelemetry default.
+    pub const DEFAULT: Self = Self { threshold: 0, parent_based: 1, _pad: 0 };
+
+    /// The sampled flag of a new trace with this id.
+    pub const fn keeps(&self, trace_id: &[u8; 16]) -> bool {
+        let mut r: u64 = 0;
+        let mut i = 9;
+        while i < 16 {
+            r = (r << 8) | trace_id[i] as u64;
+            i += 1;
+        }
+        r >= self.threshold
+    }
+}
+
 /// The fixed header in front of every ring-buffer event. For [`EventKind::Data`] it is followed
 /// by `captured_len` payload bytes (the prefix of what the syscall moved).
 #[repr(C)]
@@ -169,6 +263,8 @@ pub struct EventHeader {
     pub syscall: u32,
     /// Connection endpoints and role, when known.
     pub sock_info: SockInfo,
+    /// Trace context of the request this event starts, if the kernel decided one.
+    pub trace: TraceCtx,
 }
 
 pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
@@ -186,16 +282,49 @@ pub enum Counter {
     InflightMapFull = 2,
     /// Events emitted.
     EventsEmitted = 3,
+    /// Server requests given a trace context in the kernel.
+    ServerContexts = 4,
+    /// Client requests whose parent is the one server request in flight on their thread.
+    ParentThread = 5,
+    /// ... the one server request in flight in their process.
+    ParentProcess = 6,
+    /// ... none: several (or no) server requests in flight, so the client span starts a trace.
+    Unparented = 7,
+    /// Client requests carrying the application's own traceparent.
+    AppTraceparent = 8,
+    /// `traceparent` inserted into an outbound request.
+    Injected = 9,
+    /// Not injected: the request already has a traceparent (the application propagates).
+    InjectSkipHasHeader = 10,
+    /// Not injected: the request head does not end within this send (larger than one send,
+    /// or longer than the scan window).
+    InjectSkipSplit = 11,
+    /// Not injected: pipelined (a request still unanswered on the connection, or a second
+    /// request in the same send).
+    InjectSkipPipelined = 12,
+    /// Not injected: the kernel refused to insert the bytes.
+    InjectFailed = 13,
+    /// Client sockets not added to the sockhash because it was full or the socket belongs to
+    /// another sockmap user (EBUSY): their requests are never injected.
+    SockhashRefused = 14,
+    /// Server requests that found the per-connection context table full.
+    ContextMapFull = 15,
+    /// Not injected: the send does not start with an HTTP/1 request line (other protocols,
+    /// TLS, bodies).
+    InjectSkipNotHttp = 16,
 }
-pub const COUNTER_SLOTS: u32 = 8;
+pub const COUNTER_SLOTS: u32 = 24;
 
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, repr(C), every field an integer or integer array, no padding holes.
     unsafe impl aya::Pod for super::SockInfo {}
     unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::TraceCtx {}
+    unsafe impl aya::Pod for super::SamplerParams {}
 }
 
 // Layout checks: a change here is an ABI change on both sides.
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 48);
-const _: () = assert!(core::mem::size_of::<EventHeader>() == 104);
+const _: () = assert!(core::mem::size_of::<TraceCtx>() == 48);
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 152);

@@ -65,6 +65,17 @@ pub struct RunArgs {
     pub prometheus_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub sampling: crate::sampling::SamplingArgs,
+    /// Trace context to the next service: `headers` inserts a W3C `traceparent` line into
+    /// outbound plaintext HTTP/1 requests that carry none (sock_ops + sk_msg on the watched
+    /// cgroups); `off` changes no byte and attaches no sk_msg program.
+    #[arg(long, env = "TAPWIRE_CONTEXT_PROPAGATION", value_enum, default_value_t = Propagation::Headers)]
+    pub context_propagation: Propagation,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Propagation {
+    Headers,
+    Off,
 }
 
 pub use crate::export::ExporterChoice;
@@ -122,6 +133,16 @@ impl Selection {
     }
 }
 
+/// The kernel's form of the head sampler: (root 0 never | 1 always | 2 ratio, parent-based, T).
+fn kernel_sampler((root, parent_based, threshold): (u32, u32, u64)) -> tapwire_common::SamplerParams {
+    let threshold = match root {
+        0 => tapwire_common::SAMPLE_NONE,
+        1 => 0,
+        _ => threshold,
+    };
+    tapwire_common::SamplerParams { threshold, parent_based, _pad: 0 }
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let tracefs::TracefsState::Unavailable { reason } = tracefs::ensure() {
         anyhow::bail!("{reason}");
@@ -155,6 +176,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Held until exit: the kernel counts per-program run time while it is open.
     let _run_time_stats = crate::metrics::ebpf::enable_run_time_stats();
     probes.attach_all()?;
+    probes.set_sampler(kernel_sampler(sampler.kernel_params()))?;
+    if args.context_propagation == Propagation::Headers {
+        for root in &selection.roots {
+            probes.attach_propagation(root)?;
+        }
+    }
     let mut ids = selection.scan();
     probes.set_selection(&ids.keys().copied().collect())?;
     let mut resources = ProcResources::new();
@@ -219,6 +246,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     prometheus.update(collectors.snapshot(&ids, &mut resources, exporter.queue_len()));
                 }
                 if let Ok(k) = probes.kernel_counters() {
+                    for (slot, value) in counters.kernel.iter().zip(k) {
+                        slot.store(value, std::sync::atomic::Ordering::Relaxed);
+                    }
                     let lost = k[tapwire_common::Counter::RingbufFull as usize];
                     counters.events_lost.store(lost, std::sync::atomic::Ordering::Relaxed);
                     if lost > reported_lost {

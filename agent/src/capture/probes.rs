@@ -189,7 +189,8 @@ impl Probes {
     }
 
     /// Attaches the sock_ops program to a cgroup directory (and so to every cgroup below it),
-    /// alongside any program other software attached there. Idempotent.
+    /// alongside any program other software attached there (a bpf_link, which the kernel runs
+    /// in addition to other programs). Idempotent.
     pub fn attach_propagation(&mut self, cgroup: &Path) -> Result<(), CaptureError> {
         if self.propagation_cgroups.contains(cgroup) {
             return Ok(());
@@ -204,7 +205,9 @@ impl Probes {
             .ok_or(CaptureError::MissingProgram(name))?
             .try_into()
             .map_err(|source| CaptureError::ProgramLoad { name, source })?;
-        ops.attach(&dir, CgroupAttachMode::AllowMultiple)
+        // A bpf_link attachment (kernel >= 5.7) always coexists with other programs on the
+        // cgroup; the link API takes no flags, and the mode that sends none is `Single`.
+        ops.attach(&dir, CgroupAttachMode::Single)
             .map_err(|source| CaptureError::AttachCgroup { name, path: cgroup.to_owned(), source })?;
         self.propagation_cgroups.insert(cgroup.to_owned());
         Ok(())

@@ -129,7 +129,49 @@ pub fn agent_metrics(
     };
     let get = Counters::get;
 
+    let kernel = |slot: tapwire_common::Counter| get(&c.kernel[slot as usize]);
     let mut metrics = vec![
+        counter(
+            "tapwire.agent.context.spans",
+            "{span}",
+            "Spans whose trace context the kernel decided, by the source of their parent: none (a new trace), header (incoming traceparent), thread or process (the one server request in flight there), application (the request's own traceparent).",
+            ["none", "header", "thread", "process", "application"]
+                .iter()
+                .zip(&c.spans_by_parent)
+                .map(|(source, n)| point(attr("tapwire.context.parent", source), get(n)))
+                .collect(),
+        ),
+        counter(
+            "tapwire.agent.context.injections",
+            "{request}",
+            "Outbound HTTP/1 requests by what traceparent injection did: injected, or why not (has_header, split, pipelined, not_http, failed).",
+            {
+                use tapwire_common::Counter as K;
+                [
+                    ("injected", K::Injected),
+                    ("has_header", K::InjectSkipHasHeader),
+                    ("split", K::InjectSkipSplit),
+                    ("pipelined", K::InjectSkipPipelined),
+                    ("not_http", K::InjectSkipNotHttp),
+                    ("failed", K::InjectFailed),
+                ]
+                .into_iter()
+                .map(|(result, slot)| point(attr("tapwire.context.result", result), kernel(slot)))
+                .collect()
+            },
+        ),
+        counter(
+            "tapwire.agent.context.sockets_refused",
+            "{socket}",
+            "Client sockets the kernel could not add to tapwire's sockhash (full, or owned by another sockmap user): their requests are never injected.",
+            plain(kernel(tapwire_common::Counter::SockhashRefused)),
+        ),
+        counter(
+            "tapwire.agent.context.table_full",
+            "{request}",
+            "Server requests whose trace context found the kernel's table full (their outbound calls stay unparented).",
+            plain(kernel(tapwire_common::Counter::ContextMapFull)),
+        ),
         counter(
             "tapwire.agent.events.read",
             "{event}",

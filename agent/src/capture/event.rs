@@ -282,7 +282,45 @@ mod tests {
             fd: 5,
             syscall: Syscall::Recvfrom as u32,
             sock_info: info,
+            trace: TraceCtx::EMPTY,
         }
+    }
+
+    #[test]
+    fn kernel_trace_context_decodes() {
+        let payload = b"GET / HTTP/1.1\r\n";
+        let mut h = header(EventKind::Data as u32, 16, 16);
+        let Event::Data(d) = Event::decode(&encode(&h, payload)).unwrap() else { panic!("not data") };
+        assert_eq!(d.trace, None, "no context decided");
+        h.trace = TraceCtx {
+            trace_id: [0xab; 16],
+            span_id: [0x01; 8],
+            parent_span_id: [0x02; 8],
+            kind: CTX_CLIENT,
+            source: PARENT_THREAD,
+            flags: 1,
+            inject: INJECT_DONE,
+        };
+        let Event::Data(d) = Event::decode(&encode(&h, payload)).unwrap() else { panic!("not data") };
+        assert_eq!(
+            d.trace,
+            Some(KernelTrace {
+                side: Role::Client,
+                trace_id: [0xab; 16],
+                span_id: [0x01; 8],
+                parent_span_id: Some([0x02; 8]),
+                source: ParentSource::Thread,
+                flags: 1,
+                injected: true,
+            })
+        );
+        // A root span: no parent, whatever the source field says; zero ids are no context.
+        h.trace.parent_span_id = [0; 8];
+        let Event::Data(d) = Event::decode(&encode(&h, payload)).unwrap() else { panic!("not data") };
+        assert_eq!(d.trace.map(|t| (t.parent_span_id, t.source)), Some((None, ParentSource::None)));
+        h.trace.span_id = [0; 8];
+        let Event::Data(d) = Event::decode(&encode(&h, payload)).unwrap() else { panic!("not data") };
+        assert_eq!(d.trace, None);
     }
 
     #[test]

@@ -141,6 +141,42 @@ mod tests {
         }
     }
 
+    fn kernel(side: Role, source: ParentSource) -> KernelTrace {
+        KernelTrace {
+            side,
+            trace_id: [0x11; 16],
+            span_id: [0x22; 8],
+            parent_span_id: Some([0x33; 8]),
+            source,
+            flags: 1,
+            injected: false,
+        }
+    }
+
+    #[test]
+    fn kernel_ids_are_taken_as_they_are() {
+        let (ids, invalid) = kernel_span_ids(&kernel(Role::Client, ParentSource::Thread), None, None);
+        assert!(!invalid);
+        assert_eq!((ids.trace_id, ids.span_id, ids.parent_span_id, ids.flags), ([0x11; 16], [0x22; 8], Some([0x33; 8]), 1));
+        // SERVER span with an incoming header: its tracestate is kept.
+        let (ids, _) = kernel_span_ids(&kernel(Role::Server, ParentSource::Header), Some(VALID), Some("congo=t61"));
+        assert_eq!((ids.span_id, ids.trace_state.as_str()), ([0x22; 8], "congo=t61"));
+    }
+
+    #[test]
+    fn application_traceparent_wins_on_client_spans() {
+        // The application sent its own traceparent: the client span takes its ids, and keeps
+        // the kernel's parent only within the same trace.
+        let (ids, _) = kernel_span_ids(&kernel(Role::Client, ParentSource::AppHeader), Some(VALID), None);
+        assert_eq!(hex::encode(ids.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(hex::encode(ids.span_id), "00f067aa0ba902b7");
+        assert_eq!(ids.parent_span_id, None, "the kernel's parent is in another trace");
+        let mut same = kernel(Role::Client, ParentSource::AppHeader);
+        same.trace_id = parse_traceparent(VALID).unwrap().trace_id;
+        let (ids, _) = kernel_span_ids(&same, Some(VALID), None);
+        assert_eq!(ids.parent_span_id, Some([0x33; 8]));
+    }
+
     #[test]
     fn ids_join_or_start_a_trace() {
         let mut rng = SmallRng::seed_from_u64(1);

@@ -68,7 +68,8 @@ pub struct RunArgs {
     /// Trace context to the next service: `headers` inserts a W3C `traceparent` line into
     /// outbound plaintext HTTP/1 requests that carry none (sock_ops + sk_msg on the watched
     /// cgroups); `off` changes no byte and attaches no sk_msg program.
-    #[arg(long, env = "TAPWIRE_CONTEXT_PROPAGATION", value_enum, default_value_t = Propagation::Headers)]
+    /// Off by default until the nginx upstream hang found in the matrix tests is understood.
+    #[arg(long, env = "TAPWIRE_CONTEXT_PROPAGATION", value_enum, default_value_t = Propagation::Off)]
     pub context_propagation: Propagation,
 }
 

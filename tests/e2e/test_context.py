@@ -205,7 +205,7 @@ def chain_spans(receiver, count: int, agent) -> list[dict]:
 
 def test_chain_one_trace_per_request(chain, tapwire, otlp_receiver):
     chain, cgroups = chain
-    agent = tapwire(cgroups, env=otlp_receiver.exporter_env("grpc"))
+    agent = tapwire(cgroups, env={**otlp_receiver.exporter_env("grpc"), "TAPWIRE_CONTEXT_PROPAGATION": "headers"})
     serial = [f"s{i}" for i in range(200)]
     parallel = [f"p{i}" for i in range(200)]
     drive(chain, serial, 1)

@@ -21,8 +21,6 @@ HOOKS = [
     "sys_enter_sendfile64", "sys_exit_sendfile64", "sys_enter_close",
     "sock_send_length", "sock_recv_length", "inet_sock_set_state",
     "tcp_retransmit_skb", "tcp_send_reset", "tcp_receive_reset",
-    # --context-propagation headers (the default)
-    "client_sockets", "inject_traceparent",
 ]
 
 

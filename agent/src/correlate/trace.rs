@@ -47,21 +47,18 @@ pub(crate) fn parse_traceparent(value: &str) -> Option<TraceParent> {
 
 /// Ids of a span whose context the kernel decided (see ebpf-probes/src/context.rs): the kernel
 /// drew them before the request went on, so they are the ones any injected `traceparent`
-/// carries. A CLIENT request that carries the application's own `traceparent` takes that
-/// header's trace and span ids (the downstream SERVER span nests under it), keeping the
-/// kernel's parent only when it is in the same trace. Returns the ids and whether a
-/// `traceparent` was present but invalid.
+/// carries. A CLIENT request that carries the application's own `traceparent` joins that
+/// header's trace as a child of the span it names (the span the application propagates).
+/// Returns the ids and whether a `traceparent` was present but invalid.
 pub(crate) fn kernel_span_ids(k: &KernelTrace, traceparent: Option<&str>, tracestate: Option<&str>) -> (SpanIds, bool) {
     let state = || tracestate.unwrap_or_default().trim().to_owned();
     let parsed = traceparent.map(parse_traceparent);
     let invalid = matches!(parsed, Some(None));
     if k.side == Role::Client
-        && k.source == ParentSource::AppHeader
         && let Some(Some(tp)) = parsed
     {
-        let parent = k.parent_span_id.filter(|_| k.trace_id == tp.trace_id);
         return (
-            SpanIds { trace_id: tp.trace_id, span_id: tp.span_id, parent_span_id: parent, flags: tp.flags, trace_state: state() },
+            SpanIds { trace_id: tp.trace_id, span_id: k.span_id, parent_span_id: Some(tp.span_id), flags: tp.flags, trace_state: state() },
             false,
         );
     }
@@ -165,16 +162,14 @@ mod tests {
 
     #[test]
     fn application_traceparent_wins_on_client_spans() {
-        // The application sent its own traceparent: the client span takes its ids, and keeps
-        // the kernel's parent only within the same trace.
-        let (ids, _) = kernel_span_ids(&kernel(Role::Client, ParentSource::AppHeader), Some(VALID), None);
-        assert_eq!(hex::encode(ids.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(hex::encode(ids.span_id), "00f067aa0ba902b7");
-        assert_eq!(ids.parent_span_id, None, "the kernel's parent is in another trace");
-        let mut same = kernel(Role::Client, ParentSource::AppHeader);
-        same.trace_id = parse_traceparent(VALID).unwrap().trace_id;
-        let (ids, _) = kernel_span_ids(&same, Some(VALID), None);
-        assert_eq!(ids.parent_span_id, Some([0x33; 8]));
+        // The application sent its own traceparent: the client span joins its trace under the
+        // span it names, whatever the kernel decided.
+        for source in [ParentSource::AppHeader, ParentSource::None, ParentSource::Thread] {
+            let (ids, _) = kernel_span_ids(&kernel(Role::Client, source), Some(VALID), None);
+            assert_eq!(hex::encode(ids.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+            assert_eq!(ids.parent_span_id.map(hex::encode).as_deref(), Some("00f067aa0ba902b7"));
+            assert_eq!(ids.span_id, [0x22; 8]);
+        }
     }
 
     #[test]

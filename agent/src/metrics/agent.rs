@@ -18,6 +18,10 @@
 //! | `tapwire.agent.k8s.api.failures` | `{request}` | `operation` = `list`, `watch`, `get_owner` | `k8s_*_failures` |
 //! | `tapwire.agent.k8s.relists` | `{list}` | | `k8s_relists` |
 //! | `tapwire.agent.k8s.pods.dropped` | `{pod}` | | `k8s_pods_dropped` |
+//! | `tapwire.agent.context.spans` | `{span}` | `tapwire.context.parent` = `none`, `header`, `thread`, `process`, `application` | `spans_by_parent` |
+//! | `tapwire.agent.context.injections` | `{request}` | `tapwire.context.result` = `injected`, `has_header`, `split`, `pipelined`, `not_http`, `failed` | `kernel` |
+//! | `tapwire.agent.context.sockets_refused` | `{socket}` | | `kernel` |
+//! | `tapwire.agent.context.table_full` | `{request}` | | `kernel` |
 //! | gauges passed in, e.g. `tapwire.agent.export.queue.size` | `{span}` | | [`AgentGauge`] |
 //!
 //! `tapwire.agent.spans` is one metric with a `state` attribute so that one query shows the
@@ -132,47 +136,6 @@ pub fn agent_metrics(
     let kernel = |slot: tapwire_common::Counter| get(&c.kernel[slot as usize]);
     let mut metrics = vec![
         counter(
-            "tapwire.agent.context.spans",
-            "{span}",
-            "Spans whose trace context the kernel decided, by the source of their parent: none (a new trace), header (incoming traceparent), thread or process (the one server request in flight there), application (the request's own traceparent).",
-            ["none", "header", "thread", "process", "application"]
-                .iter()
-                .zip(&c.spans_by_parent)
-                .map(|(source, n)| point(attr("tapwire.context.parent", source), get(n)))
-                .collect(),
-        ),
-        counter(
-            "tapwire.agent.context.injections",
-            "{request}",
-            "Outbound HTTP/1 requests by what traceparent injection did: injected, or why not (has_header, split, pipelined, not_http, failed).",
-            {
-                use tapwire_common::Counter as K;
-                [
-                    ("injected", K::Injected),
-                    ("has_header", K::InjectSkipHasHeader),
-                    ("split", K::InjectSkipSplit),
-                    ("pipelined", K::InjectSkipPipelined),
-                    ("not_http", K::InjectSkipNotHttp),
-                    ("failed", K::InjectFailed),
-                ]
-                .into_iter()
-                .map(|(result, slot)| point(attr("tapwire.context.result", result), kernel(slot)))
-                .collect()
-            },
-        ),
-        counter(
-            "tapwire.agent.context.sockets_refused",
-            "{socket}",
-            "Client sockets the kernel could not add to tapwire's sockhash (full, or owned by another sockmap user): their requests are never injected.",
-            plain(kernel(tapwire_common::Counter::SockhashRefused)),
-        ),
-        counter(
-            "tapwire.agent.context.table_full",
-            "{request}",
-            "Server requests whose trace context found the kernel's table full (their outbound calls stay unparented).",
-            plain(kernel(tapwire_common::Counter::ContextMapFull)),
-        ),
-        counter(
             "tapwire.agent.events.read",
             "{event}",
             "Ring-buffer events decoded by the agent.",
@@ -277,6 +240,47 @@ pub fn agent_metrics(
             "Pods left without Kubernetes metadata (pod store full, or no uid).",
             plain(get(&c.k8s_pods_dropped)),
         ),
+        counter(
+            "tapwire.agent.context.spans",
+            "{span}",
+            "Spans whose trace context the kernel decided, by the source of their parent: none (a new trace), header (incoming traceparent), thread or process (the one server request in flight there), application (the request's own traceparent).",
+            ["none", "header", "thread", "process", "application"]
+                .iter()
+                .zip(&c.spans_by_parent)
+                .map(|(source, n)| point(attr("tapwire.context.parent", source), get(n)))
+                .collect(),
+        ),
+        counter(
+            "tapwire.agent.context.injections",
+            "{request}",
+            "Outbound HTTP/1 requests by what traceparent injection did: injected, or why not (has_header, split, pipelined, not_http, failed).",
+            {
+                use tapwire_common::Counter as K;
+                [
+                    ("injected", K::Injected),
+                    ("has_header", K::InjectSkipHasHeader),
+                    ("split", K::InjectSkipSplit),
+                    ("pipelined", K::InjectSkipPipelined),
+                    ("not_http", K::InjectSkipNotHttp),
+                    ("failed", K::InjectFailed),
+                ]
+                .into_iter()
+                .map(|(result, slot)| point(attr("tapwire.context.result", result), kernel(slot)))
+                .collect()
+            },
+        ),
+        counter(
+            "tapwire.agent.context.sockets_refused",
+            "{socket}",
+            "Client sockets the kernel could not add to tapwire's sockhash (full, or owned by another sockmap user): their requests are never injected.",
+            plain(kernel(tapwire_common::Counter::SockhashRefused)),
+        ),
+        counter(
+            "tapwire.agent.context.table_full",
+            "{request}",
+            "Server requests whose trace context found the kernel's table full (their outbound calls stay unparented).",
+            plain(kernel(tapwire_common::Counter::ContextMapFull)),
+        ),
     ];
     metrics.extend(gauges.iter().map(|g| Metric {
         name: g.name.to_owned(),
@@ -345,6 +349,12 @@ mod tests {
         for (i, f) in fields.into_iter().enumerate() {
             Counters::add(f, 100 + i as u64);
         }
+        for (i, f) in c.spans_by_parent.iter().enumerate() {
+            Counters::add(f, 200 + i as u64);
+        }
+        for (i, f) in c.kernel.iter().enumerate() {
+            Counters::add(f, 300 + i as u64);
+        }
         let r = agent_resource_for("h", 1);
         let rm = agent_metrics(&c, &r, 10, 20, &[AgentGauge::export_queue_size(7), AgentGauge::metric_series(3)]);
         assert!(Arc::ptr_eq(&rm.resource, &r));
@@ -405,6 +415,19 @@ mod tests {
                 row("tapwire.agent.k8s.api.failures", "{request}", &[("operation", "get_owner")], 119),
                 row("tapwire.agent.k8s.relists", "{list}", &[], 120),
                 row("tapwire.agent.k8s.pods.dropped", "{pod}", &[], 121),
+                row("tapwire.agent.context.spans", "{span}", &[("tapwire.context.parent", "none")], 200),
+                row("tapwire.agent.context.spans", "{span}", &[("tapwire.context.parent", "header")], 201),
+                row("tapwire.agent.context.spans", "{span}", &[("tapwire.context.parent", "thread")], 202),
+                row("tapwire.agent.context.spans", "{span}", &[("tapwire.context.parent", "process")], 203),
+                row("tapwire.agent.context.spans", "{span}", &[("tapwire.context.parent", "application")], 204),
+                row("tapwire.agent.context.injections", "{request}", &[("tapwire.context.result", "injected")], 309),
+                row("tapwire.agent.context.injections", "{request}", &[("tapwire.context.result", "has_header")], 310),
+                row("tapwire.agent.context.injections", "{request}", &[("tapwire.context.result", "split")], 311),
+                row("tapwire.agent.context.injections", "{request}", &[("tapwire.context.result", "pipelined")], 312),
+                row("tapwire.agent.context.injections", "{request}", &[("tapwire.context.result", "not_http")], 316),
+                row("tapwire.agent.context.injections", "{request}", &[("tapwire.context.result", "failed")], 313),
+                row("tapwire.agent.context.sockets_refused", "{socket}", &[], 314),
+                row("tapwire.agent.context.table_full", "{request}", &[], 315),
                 row("tapwire.agent.export.queue.size", "{span}", &[], 7),
                 row("tapwire.agent.metric_series.active", "{series}", &[], 3),
             ]

@@ -13,13 +13,14 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    config::{self, Settings},
     capture::{self, CaptureConfig, Probes, check, event::Event, ring::RingReader, tracefs},
     clock::{Clock, monotonic_ns},
     correlate::{CorrelateConfig, Correlator},
     discover::{cgroup, resource::ProcResources},
     export::{
         self,
-        metrics::{resolve_metrics_config, spawn_metrics},
+        metrics::{MetricsExportConfig, spawn_metrics},
         prometheus::{PrometheusServer, PrometheusState},
     },
     metrics::collect::Collectors,
@@ -39,56 +40,57 @@ pub enum Command {
     Check,
     /// Watch the selected services and export their spans.
     Run(RunArgs),
+    /// Show the effective configuration (`--print`), with the same flags as `run`.
+    Config(ConfigArgs),
 }
 
+/// `tapwire config`: show the configuration `tapwire run` would use with the same flags.
 #[derive(clap::Args, Debug)]
-pub struct RunArgs {
-    /// cgroup v2 directory to watch, with its descendants: absolute, or relative to the cgroup2
-    /// mount. Repeat for several services.
-    #[arg(long = "cgroup", value_name = "PATH", required = true)]
-    pub cgroups: Vec<String>,
-    /// Payload bytes captured per syscall (enough for HTTP heads; at most 4096).
-    #[arg(long, env = "TAPWIRE_PAYLOAD_BYTES", default_value_t = tapwire_common::DEFAULT_PAYLOAD_CAP,
-          value_parser = clap::value_parser!(u32).range(64..=tapwire_common::MAX_PAYLOAD as i64))]
-    pub payload_bytes: u32,
-    /// Where spans go: `auto` = OTLP when an OTEL_EXPORTER_OTLP_*ENDPOINT is set, else console.
-    #[arg(long, env = "TAPWIRE_EXPORTER", value_enum, default_value_t = ExporterChoice::Auto)]
-    pub exporter: ExporterChoice,
-    /// Route template for `http.route`, e.g. `/users/{id}` or `/static/*`; tried in order before
-    /// the built-in heuristic (identifier-like segments become `{id}`). Repeatable; the
-    /// environment variable takes a comma-separated list.
-    #[arg(long = "route", env = "TAPWIRE_ROUTES", value_name = "PATTERN", value_delimiter = ',',
-          value_parser = parse_route)]
-    pub routes: Vec<crate::correlate::route::Pattern>,
-    /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz), e.g. 0.0.0.0:9464.
-    #[arg(long, env = "TAPWIRE_PROMETHEUS_LISTEN", value_name = "ADDR")]
-    pub prometheus_listen: Option<std::net::SocketAddr>,
+pub struct ConfigArgs {
+    /// Print every setting with its effective value and where it came from.
+    #[arg(long)]
+    pub print: bool,
     #[command(flatten)]
-    pub sampling: crate::sampling::SamplingArgs,
+    pub run: RunArgs,
 }
 
+pub use crate::config::RunArgs;
 pub use crate::export::ExporterChoice;
-
-fn parse_route(s: &str) -> Result<crate::correlate::route::Pattern, String> {
-    crate::correlate::route::Pattern::parse(s.trim()).map_err(|e| e.to_string())
-}
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let env = |name: &str| std::env::var(name).ok();
+    let settings = match &cli.command {
+        Command::Run(args) | Command::Config(ConfigArgs { run: args, .. }) => match config::resolve(args, &env) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("tapwire: {}", check::error_chain(&e));
+                return ExitCode::FAILURE;
+            }
+        },
+        Command::Check => None,
+    };
+    let log = settings.as_ref().map_or("info", |s| s.log.as_str());
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TAPWIRE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
         .init();
-    match cli.command {
-        Command::Check => {
+    match (cli.command, settings) {
+        (Command::Config(c), Some(settings)) => {
+            if !c.print {
+                eprintln!("tapwire: `tapwire config` needs --print");
+                return ExitCode::FAILURE;
+            }
+            print!("{}", config::render(&settings));
+            ExitCode::SUCCESS
+        }
+        (Command::Check, _) | (_, None) => {
             let (lines, ok) = check::run();
             print!("{}", check::render(&lines, ok));
             if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
-        Command::Run(args) => {
+        (Command::Run(_), Some(settings)) => {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -96,7 +98,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(args)) {
+            match runtime.block_on(run(settings)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tapwire: {}", check::error_chain(e.as_ref()));
@@ -122,23 +124,32 @@ impl Selection {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(args: Settings) -> anyhow::Result<()> {
     if let tracefs::TracefsState::Unavailable { reason } = tracefs::ensure() {
         anyhow::bail!("{reason}");
     }
+    let sel = &args.selection;
+    if sel.uses_pods() || sel.per_process() || !sel.exclude_cgroups.is_empty() || !sel.exclude_ports.is_empty()
+        || !sel.exclude_executables.is_empty() || sel.cgroups.iter().any(|c| !c.is_literal())
+    {
+        anyhow::bail!("this build selects by literal cgroup paths only (globs, exclusions, pods, ports and executables come with the selection engine)");
+    }
     let mount = cgroup::cgroup2_mount().ok_or(cgroup::CgroupError::NoCgroup2)?;
-    let roots = args.cgroups.iter().map(|c| cgroup::resolve(c, &mount)).collect::<Result<Vec<_>, _>>()?;
+    let roots = args.selection.cgroups.iter().map(|c| cgroup::resolve(c.as_str(), &mount)).collect::<Result<Vec<_>, _>>()?;
     let selection = Selection { roots };
 
     let counters = Arc::new(Counters::default());
+    let process_env = |name: &str| std::env::var(name).ok();
+    let otel = |name: &str| args.otel_var(&process_env, name);
+    let explain = |e: export::ConfigError| anyhow::anyhow!(args.explain_otel_error(&process_env, &e.to_string()));
     // Kubernetes metadata of this node's pods, watched in the background (never waited for).
     let _pods = crate::discover::k8s::start(&crate::discover::k8s::K8sOptions::from_env()?, counters.clone()).await?;
-    let export_config = export::resolve_config(args.exporter)?;
-    let sampling = crate::sampling::SamplingConfig::resolve(&args.sampling, &|name| std::env::var(name).ok())?;
+    let export_config = export::ExportConfig::resolve(args.exporter, &otel).map_err(explain)?;
+    let sampling = crate::sampling::SamplingConfig::resolve(&args.sampling_args, &process_env)?;
     let sampler = crate::sampling::Sampler::new(sampling, counters.clone());
     sampler.log_settings();
     let exporter = export::spawn(export_config, counters.clone()).context("while starting the span exporter")?;
-    let metrics_config = resolve_metrics_config(args.exporter)?.with_prometheus_listen(args.prometheus_listen);
+    let metrics_config = MetricsExportConfig::resolve(args.exporter, &otel).map_err(explain)?.with_prometheus_listen(args.prometheus_listen);
     let prometheus = Arc::new(PrometheusState::new());
     let mut prometheus_task = None;
     if let Some(addr) = metrics_config.prometheus {

@@ -3,6 +3,7 @@
 pub mod cgroup;
 pub mod k8s;
 pub mod resource;
+pub mod select;
 
 use std::sync::Arc;
 

@@ -145,7 +145,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     // Kubernetes metadata of this node's pods, watched in the background (never waited for).
     let _pods = crate::discover::k8s::start(&crate::discover::k8s::K8sOptions::from_env()?, counters.clone()).await?;
     let export_config = export::ExportConfig::resolve(args.exporter, &otel).map_err(explain)?;
-    let sampling = crate::sampling::SamplingConfig::resolve(&args.sampling_args, &process_env)?;
+    let sampling = crate::sampling::SamplingConfig::resolve_with_file(&args.sampling_args, &process_env, &args.sampling.to_sampling())?;
     let sampler = crate::sampling::Sampler::new(sampling, counters.clone());
     sampler.log_settings();
     let exporter = export::spawn(export_config, counters.clone()).context("while starting the span exporter")?;

@@ -160,10 +160,76 @@ pub struct KubernetesConfig {
     pub node_name: Option<String>,
 }
 
-/// Span sampling options (`sampling:`). Every span is kept when the section is empty.
-#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+/// Span sampling (`sampling:`); each key is overridden by its variable and flag.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SamplingFile {}
+pub struct SamplingFile {
+    /// Head sampler, as `OTEL_TRACES_SAMPLER` (`parentbased_traceidratio`, ...).
+    pub sampler: Option<String>,
+    /// Ratio of the `*traceidratio` samplers, as `OTEL_TRACES_SAMPLER_ARG`.
+    pub ratio: Option<f64>,
+    /// Keep spans with Error status even when head sampling dropped their trace, as
+    /// `TAPWIRE_KEEP_ERRORS`.
+    pub keep_errors: Option<bool>,
+    /// Latency keep rules (`2s`, `checkout:/pay/{id}=500ms`), as `TAPWIRE_KEEP_SLOWER_THAN`.
+    pub keep_slower_than: Option<Vec<String>>,
+    /// Head sampler overrides by `service.name`, in file order.
+    #[serde(default, deserialize_with = "ordered_map")]
+    pub services: Vec<(String, ServiceSamplingFile)>,
+}
+
+/// One service's head sampler.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSamplingFile {
+    /// Head sampler name (default: the agent-wide one).
+    pub sampler: Option<String>,
+    /// Ratio of a `*traceidratio` sampler.
+    pub ratio: Option<f64>,
+}
+
+impl SamplingFile {
+    /// The form `crate::sampling` resolves.
+    pub fn to_sampling(&self) -> crate::sampling::SamplingFile {
+        crate::sampling::SamplingFile {
+            sampler: self.sampler.clone(),
+            ratio: self.ratio,
+            keep_errors: self.keep_errors,
+            keep_slower_than: self.keep_slower_than.clone(),
+            services: self
+                .services
+                .iter()
+                .map(|(k, v)| (k.clone(), crate::sampling::ServiceSamplingFile { sampler: v.sampler.clone(), ratio: v.ratio }))
+                .collect(),
+        }
+    }
+}
+
+/// A YAML mapping kept in file order.
+fn ordered_map<'de, D, V>(d: D) -> Result<Vec<(String, V)>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Visit<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Visit<V> {
+        type Value = Vec<(String, V)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a mapping of service names")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out: Vec<(String, V)> = Vec::new();
+            while let Some((k, v)) = map.next_entry::<String, V>()? {
+                if out.iter().any(|(seen, _)| *seen == k) {
+                    return Err(serde::de::Error::custom(format!("service {k:?} appears twice")));
+                }
+                out.push((k, v));
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Visit(std::marker::PhantomData))
+}
 
 /// Payload bytes per syscall: the one range check shared by every source.
 pub fn check_payload_bytes(n: u32) -> Result<u32, String> {

@@ -265,7 +265,12 @@ pub fn resolve(args: &RunArgs, env: Env<'_>) -> Result<Settings, ConfigError> {
         None,
         |n| n.clone().unwrap_or_else(|| "(unset)".into()),
     )?;
-    r.origins.push(Origin { key: "sampling".into(), value: "{}".into(), source: r.file_or_default(file.sampling != SamplingFile::default()) });
+    let sampling_source = r.file_or_default(file.sampling != SamplingFile::default());
+    r.origins.push(Origin {
+        key: "sampling".into(),
+        value: "(resolved with OTEL_TRACES_SAMPLER and --traces-sampler; see the startup log)".into(),
+        source: sampling_source,
+    });
     let log = r.scalar("log", ("", None), Some("TAPWIRE_LOG"), |v| Ok(v.to_owned()), file.log.clone(), "info".to_owned(), String::clone)?;
 
     let settings = Settings {

@@ -64,7 +64,12 @@ resource:
   attributes: {deployment.environment.name: staging, team: shop}
 kubernetes:
   node_name: node-a
-sampling: {}
+sampling:
+  sampler: parentbased_traceidratio
+  ratio: 0.25
+  services:
+    search: {ratio: 0.01}
+    checkout: {sampler: always_on}
 log: debug
 ";
 
@@ -103,6 +108,9 @@ fn file_values_apply() {
         vec![("deployment.environment.name".into(), "staging".into()), ("team".into(), "shop".into())]
     );
     assert_eq!(source_of(&s, "capture.payload_bytes"), &Source::File(f.0.clone()));
+    let sampling = s.sampling.to_sampling();
+    assert_eq!(sampling.ratio, Some(0.25));
+    assert_eq!(sampling.services.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), vec!["search", "checkout"]);
 }
 
 #[test]
@@ -173,7 +181,7 @@ fn bad_values_name_the_key() {
         ("selection:\n  cgroups: ['/a/x**']\n", "selection.cgroups", "whole path component"),
         ("http:\n  routes: [users]\n", "http.routes", "must start with '/'"),
         ("export:\n  prometheus_listen: nine\n", "export.prometheus_listen", "line 2"),
-        ("sampling:\n  ratio: 0.5\n", "sampling", "unknown field `ratio`"),
+        ("sampling:\n  rate: 0.5\n", "sampling", "unknown field `rate`"),
         ("selection: [a]\n", "selection", "line 1"),
     ];
     let mut wrong = Vec::new();
@@ -225,8 +233,8 @@ fn otel_errors_from_the_file_name_the_key() {
 
 #[test]
 fn print_shows_sources_and_hides_secrets() {
-    let f = TempFile::new("print", FILE);
     let env = env_of(&[("TAPWIRE_PAYLOAD_BYTES", "512"), ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://user:pw@x:4318/v1/traces")]);
+    let f = TempFile::new("print", &FILE.replace("sampling:\n  sampler: parentbased_traceidratio\n  ratio: 0.25\n  services:\n    search: {ratio: 0.01}\n    checkout: {sampler: always_on}\n", ""));
     let s = resolve_with(&["--config", f.arg(), "--exe", "nginx"], &env).unwrap();
     let text = render(&s);
     let line = |key: &str| text.lines().find(|l| l.starts_with(&format!("{key}:"))).unwrap_or_else(|| panic!("{key} missing:\n{text}"));
@@ -236,6 +244,6 @@ fn print_shows_sources_and_hides_secrets() {
     assert!(line("selection.exclude_cgroups").ends_with("# default"));
     assert!(line("export.otlp.headers").contains("x-api-key=***"), "{text}");
     assert!(!text.contains("s3cret") && !text.contains("pw@"), "{text}");
-    assert!(line("sampling").contains("{}"));
+    assert!(line("sampling").ends_with("# default"));
     assert!(line("kubernetes.node_name").contains("node-a"));
 }

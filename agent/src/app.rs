@@ -143,7 +143,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     let otel = |name: &str| args.otel_var(&process_env, name);
     let explain = |e: export::ConfigError| anyhow::anyhow!(args.explain_otel_error(&process_env, &e.to_string()));
     // Kubernetes metadata of this node's pods, watched in the background (never waited for).
-    let _pods = crate::discover::k8s::start(&crate::discover::k8s::K8sOptions::from_env()?, counters.clone()).await?;
+    let _pods = crate::discover::k8s::start(&args.kubernetes, counters.clone()).await?;
     let export_config = export::ExportConfig::resolve(args.exporter, &otel).map_err(explain)?;
     let sampling = crate::sampling::SamplingConfig::resolve_with_file(&args.sampling_args, &process_env, &args.sampling.to_sampling())?;
     let sampler = crate::sampling::Sampler::new(sampling, counters.clone());

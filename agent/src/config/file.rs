@@ -34,7 +34,7 @@ pub struct FileConfig {
     pub resource: ResourceFile,
     /// Kubernetes metadata (pod names, owners, labels).
     #[serde(default)]
-    pub kubernetes: KubernetesConfig,
+    pub kubernetes: KubernetesFile,
     /// Span sampling.
     #[serde(default)]
     pub sampling: SamplingFile,
@@ -148,16 +148,21 @@ pub struct ResourceFile {
     pub attributes: Option<BTreeMap<String, String>>,
 }
 
-/// Kubernetes metadata options (`kubernetes:`). The API watcher reads them.
-#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+/// Kubernetes metadata (`kubernetes:`): pod names, owners and labels from the API server.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct KubernetesConfig {
-    /// Watch the Kubernetes API for pod metadata: unset = when running in a cluster
-    /// (`KUBERNETES_SERVICE_HOST` set), true = always (fail if impossible), false = never.
-    pub enabled: Option<bool>,
-    /// This node's name, to watch only its pods (default: the `NODE_NAME` variable, set from the
-    /// downward API in the DaemonSet).
+pub struct KubernetesFile {
+    /// `auto` (default: when running in a pod, or when `kubeconfig`/`api_url` is set), `on`
+    /// (an error when impossible) or `off`, as `TAPWIRE_K8S`.
+    pub mode: Option<String>,
+    /// This node's name, to watch only its pods, as `NODE_NAME` (the DaemonSet sets it from
+    /// the downward API).
     pub node_name: Option<String>,
+    /// A kubeconfig file instead of the in-cluster service account, as `TAPWIRE_K8S_KUBECONFIG`.
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// An API server URL used as-is, without credentials (`kubectl proxy`), as
+    /// `TAPWIRE_K8S_API_URL`.
+    pub api_url: Option<String>,
 }
 
 /// Span sampling (`sampling:`); each key is overridden by its variable and flag.

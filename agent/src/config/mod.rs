@@ -14,11 +14,12 @@ use std::{
 };
 
 pub use cli::RunArgs;
-pub use file::{FileConfig, KubernetesConfig, SamplingFile};
+pub use file::{FileConfig, KubernetesFile, SamplingFile};
 pub use print::render;
 
 use crate::{
     correlate::route::Pattern,
+    discover::k8s::K8sMode,
     discover::select::{CgroupPattern, ExeGlob, LabelSelector, SelectionConfig},
     export::ExporterChoice,
 };
@@ -94,7 +95,8 @@ pub struct Settings {
     /// Added to every service's resource: the file's `resource.attributes`, overridden key by
     /// key by the agent's own `OTEL_RESOURCE_ATTRIBUTES`.
     pub resource_attributes: Vec<(String, String)>,
-    pub kubernetes: KubernetesConfig,
+    /// How to reach the Kubernetes API (`kubernetes:`, `TAPWIRE_K8S*`, `NODE_NAME`).
+    pub kubernetes: crate::discover::k8s::K8sOptions,
     /// The `sampling:` section of the file.
     pub sampling: SamplingFile,
     /// The sampling flags (`--traces-sampler` ...), resolved by `crate::sampling`.
@@ -246,25 +248,26 @@ pub fn resolve(args: &RunArgs, env: Env<'_>) -> Result<Settings, ConfigError> {
     let file_otel = r.otel(&file.export.otlp);
 
     let resource_attributes = r.resource_attributes(file.resource.attributes.as_ref())?;
-    let mut kubernetes = file.kubernetes.clone();
-    kubernetes.enabled = r.scalar(
-        "kubernetes.enabled",
-        ("", None),
-        Some("TAPWIRE_KUBERNETES"),
-        |v| parse_bool(v).map(Some),
-        file.kubernetes.enabled.map(Some),
-        None,
-        |e| e.map_or_else(|| "auto (in a cluster)".into(), |b| b.to_string()),
-    )?;
-    kubernetes.node_name = r.scalar(
-        "kubernetes.node_name",
-        ("", None),
-        Some("NODE_NAME"),
-        |v| Ok(Some(v.to_owned())),
-        file.kubernetes.node_name.clone().map(Some),
-        None,
-        |n| n.clone().unwrap_or_else(|| "(unset)".into()),
-    )?;
+    let k = &file.kubernetes;
+    let file_mode = k.mode.as_deref().map(parse_k8s_mode).transpose().map_err(|reason| ConfigError::Invalid {
+        origin: "kubernetes.mode in the configuration file".into(),
+        reason,
+    })?;
+    let show_mode = |m: &K8sMode| format!("{m:?}").to_ascii_lowercase();
+    let mode = r.scalar("kubernetes.mode", ("", None), Some("TAPWIRE_K8S"), parse_k8s_mode, file_mode, K8sMode::Auto, show_mode)?;
+    let some = |v: &str| Ok(Some(v.to_owned()));
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "(unset)".into());
+    let node_name = r.scalar("kubernetes.node_name", ("", None), Some("NODE_NAME"), some, k.node_name.clone().map(Some), None, opt)?;
+    let file_kubeconfig = k.kubeconfig.as_ref().map(|p| Some(p.display().to_string()));
+    let kubeconfig = r.scalar("kubernetes.kubeconfig", ("", None), Some("TAPWIRE_K8S_KUBECONFIG"), some, file_kubeconfig, None, opt)?;
+    let api_url = r.scalar("kubernetes.api_url", ("", None), Some("TAPWIRE_K8S_API_URL"), some, k.api_url.clone().map(Some), None, opt)?;
+    let kubernetes = crate::discover::k8s::K8sOptions {
+        mode,
+        node_name,
+        kubeconfig: kubeconfig.map(PathBuf::from),
+        api_url,
+        ..Default::default()
+    };
     let sampling_source = r.file_or_default(file.sampling != SamplingFile::default());
     r.origins.push(Origin {
         key: "sampling".into(),
@@ -302,6 +305,15 @@ fn parse_bool(v: &str) -> Result<bool, String> {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" => Ok(false),
         _ => Err(format!("{v:?} is not a boolean (true or false)")),
+    }
+}
+
+fn parse_k8s_mode(v: &str) -> Result<K8sMode, String> {
+    match v.trim() {
+        "auto" => Ok(K8sMode::Auto),
+        "on" => Ok(K8sMode::On),
+        "off" => Ok(K8sMode::Off),
+        other => Err(format!("{other:?}: expected auto, on or off")),
     }
 }
 

@@ -64,6 +64,7 @@ resource:
   attributes: {deployment.environment.name: staging, team: shop}
 kubernetes:
   node_name: node-a
+  mode: 'off'
 sampling:
   sampler: parentbased_traceidratio
   ratio: 0.25
@@ -98,6 +99,7 @@ fn file_values_apply() {
     assert_eq!(s.exporter, ExporterChoice::Otlp);
     assert_eq!(s.prometheus_listen, Some("127.0.0.1:9464".parse().unwrap()));
     assert_eq!(s.kubernetes.node_name.as_deref(), Some("node-a"));
+    assert_eq!(s.kubernetes.mode, crate::discover::k8s::K8sMode::Off);
     assert_eq!(s.log, "debug");
     let none = |_: &str| None;
     assert_eq!(s.otel_var(&none, "OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(), Some("http://collector:4317"));
@@ -201,6 +203,7 @@ fn bad_values_name_the_key() {
         ("TAPWIRE_PROMETHEUS_LISTEN", "9464", "expected ADDRESS:PORT"),
         ("OTEL_RESOURCE_ATTRIBUTES", "team", "not key=value"),
         ("TAPWIRE_NAMESPACES", "shop,Bad_NS", "not a valid Kubernetes namespace"),
+        ("TAPWIRE_K8S", "maybe", "expected auto, on or off"),
     ];
     for (var, value, want) in env_cases {
         let err = resolve_with(&["--cgroup", "svc"], &env_of(&[(var, value)])).unwrap_err().to_string();

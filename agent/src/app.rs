@@ -1,8 +1,6 @@
 //! Command line and top-level wiring: capture -> correlate -> export.
 
 use std::{
-    collections::{HashMap, HashSet},
-    path::PathBuf,
     process::ExitCode,
     sync::Arc,
     time::{Duration, Instant},
@@ -17,7 +15,11 @@ use crate::{
     capture::{self, CaptureConfig, Probes, check, event::Event, ring::RingReader, tracefs},
     clock::{Clock, monotonic_ns},
     correlate::{CorrelateConfig, Correlator},
-    discover::{cgroup, resource::ProcResources},
+    discover::{
+        cgroup,
+        resource::ProcResources,
+        select::{self, Selector},
+    },
     export::{
         self,
         metrics::{MetricsExportConfig, spawn_metrics},
@@ -109,41 +111,18 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The cgroups the user selected, resolved to directories, rescanned for descendants.
-struct Selection {
-    roots: Vec<PathBuf>,
-}
-
-impl Selection {
-    fn scan(&self) -> HashMap<u64, PathBuf> {
-        let mut ids = HashMap::new();
-        for root in &self.roots {
-            cgroup::scan(root, &mut ids);
-        }
-        ids
-    }
-}
-
 async fn run(args: Settings) -> anyhow::Result<()> {
     if let tracefs::TracefsState::Unavailable { reason } = tracefs::ensure() {
         anyhow::bail!("{reason}");
     }
-    let sel = &args.selection;
-    if sel.uses_pods() || sel.per_process() || !sel.exclude_cgroups.is_empty() || !sel.exclude_ports.is_empty()
-        || !sel.exclude_executables.is_empty() || sel.cgroups.iter().any(|c| !c.is_literal())
-    {
-        anyhow::bail!("this build selects by literal cgroup paths only (globs, exclusions, pods, ports and executables come with the selection engine)");
-    }
     let mount = cgroup::cgroup2_mount().ok_or(cgroup::CgroupError::NoCgroup2)?;
-    let roots = args.selection.cgroups.iter().map(|c| cgroup::resolve(c.as_str(), &mount)).collect::<Result<Vec<_>, _>>()?;
-    let selection = Selection { roots };
-
     let counters = Arc::new(Counters::default());
     let process_env = |name: &str| std::env::var(name).ok();
     let otel = |name: &str| args.otel_var(&process_env, name);
     let explain = |e: export::ConfigError| anyhow::anyhow!(args.explain_otel_error(&process_env, &e.to_string()));
     // Kubernetes metadata of this node's pods, watched in the background (never waited for).
-    let _pods = crate::discover::k8s::start(&args.kubernetes, counters.clone()).await?;
+    let pods = crate::discover::k8s::start(&args.kubernetes, counters.clone()).await?;
+    let mut selector = Selector::new(&args.selection, &mount, pods).context("while setting up the selection")?;
     let export_config = export::ExportConfig::resolve(args.exporter, &otel).map_err(explain)?;
     let sampling = crate::sampling::SamplingConfig::resolve_with_file(&args.sampling_args, &process_env, &args.sampling.to_sampling())?;
     let sampler = crate::sampling::Sampler::new(sampling, counters.clone());
@@ -166,8 +145,8 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     // Held until exit: the kernel counts per-program run time while it is open.
     let _run_time_stats = crate::metrics::ebpf::enable_run_time_stats();
     probes.attach_all()?;
-    let mut ids = selection.scan();
-    probes.set_selection(&ids.keys().copied().collect())?;
+    selector.sync(&mut probes)?;
+    let mut ids = selector.cgroups().clone();
     let mut resources = ProcResources::new();
     resources.set_cgroups(ids.clone());
     let mut reader = RingReader::new(probes.take_ring()?).context("while setting up the ring-buffer reader")?;
@@ -176,7 +155,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
 
     tracing::info!(
         cgroups = ids.len(),
-        roots = ?selection.roots,
+        watched_directories = selector.watched(),
         hooks = capture::HOOKS.len(),
         "capture ready"
     );
@@ -194,10 +173,16 @@ async fn run(args: Settings) -> anyhow::Result<()> {
             r = reader.read_batch(&mut events, &counters, 1024) => {
                 r.context("while reading the ring buffer")?;
                 for event in events.drain(..) {
+                    if !selector.admits(event.origin().pid, event.origin().cgroup_id) {
+                        continue;
+                    }
                     collectors.on_event(&event, &mut resources);
                     correlator.on_event(event, &mut resources, &mut spans);
                 }
                 for span in spans.drain(..) {
+                    if let Some(pid) = select::otlp_export_sender(&span) {
+                        selector.saw_otlp_export(pid);
+                    }
                     collectors.on_span(&span);
                     if let Some(span) = sampler.apply(span) {
                         exporter.send(span);
@@ -208,15 +193,20 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                 collectors.set_active_requests(&correlator.active_server_requests());
                 metrics_exporter.export(collectors.snapshot(&ids, &mut resources, exporter.queue_len()));
             }
-            _ = tick.tick() => {
-                let now = selection.scan();
-                if now.len() != ids.len() || now.keys().any(|k| !ids.contains_key(k)) {
-                    let set: HashSet<u64> = now.keys().copied().collect();
-                    let (added, removed) = probes.set_selection(&set)?;
-                    tracing::info!(added, removed, watched = set.len(), "cgroup selection changed");
-                    ids = now;
+            r = selector.tree_changed() => {
+                r.context("while watching the cgroup tree")?;
+                if selector.on_tree_change() {
+                    ids = selector.cgroups().clone();
                     resources.set_cgroups(ids.clone());
                 }
+                selector.sync(&mut probes)?;
+            }
+            _ = tick.tick() => {
+                if selector.tick() {
+                    ids = selector.cgroups().clone();
+                    resources.set_cgroups(ids.clone());
+                }
+                selector.sync(&mut probes)?;
                 correlator.expire(monotonic_ns(), &mut resources, &mut spans);
                 for span in spans.drain(..) {
                     collectors.on_span(&span);
@@ -239,6 +229,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                 }
                 if last_prune.elapsed() > Duration::from_secs(10) {
                     resources.prune();
+                    selector.prune();
                     last_prune = Instant::now();
                 }
             }

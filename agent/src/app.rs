@@ -1,8 +1,6 @@
 //! Command line and top-level wiring: capture -> correlate -> export.
 
 use std::{
-    collections::{HashMap, HashSet},
-    path::PathBuf,
     process::ExitCode,
     sync::Arc,
     time::{Duration, Instant},
@@ -13,13 +11,18 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    config::{self, Settings},
     capture::{self, CaptureConfig, Probes, check, event::Event, ring::RingReader, tracefs},
     clock::{Clock, monotonic_ns},
     correlate::{CorrelateConfig, Correlator},
-    discover::{cgroup, resource::ProcResources},
+    discover::{
+        cgroup,
+        resource::ProcResources,
+        select::{self, Selector},
+    },
     export::{
         self,
-        metrics::{resolve_metrics_config, spawn_metrics},
+        metrics::{MetricsExportConfig, spawn_metrics},
         prometheus::{PrometheusServer, PrometheusState},
     },
     metrics::collect::Collectors,
@@ -39,68 +42,57 @@ pub enum Command {
     Check,
     /// Watch the selected services and export their spans.
     Run(RunArgs),
+    /// Show the effective configuration (`--print`), with the same flags as `run`.
+    Config(ConfigArgs),
 }
 
+/// `tapwire config`: show the configuration `tapwire run` would use with the same flags.
 #[derive(clap::Args, Debug)]
-pub struct RunArgs {
-    /// cgroup v2 directory to watch, with its descendants: absolute, or relative to the cgroup2
-    /// mount. Repeat for several services.
-    #[arg(long = "cgroup", value_name = "PATH", required = true)]
-    pub cgroups: Vec<String>,
-    /// Payload bytes captured per syscall (enough for HTTP heads; at most 4096).
-    #[arg(long, env = "TAPWIRE_PAYLOAD_BYTES", default_value_t = tapwire_common::DEFAULT_PAYLOAD_CAP,
-          value_parser = clap::value_parser!(u32).range(64..=tapwire_common::MAX_PAYLOAD as i64))]
-    pub payload_bytes: u32,
-    /// Where spans go: `auto` = OTLP when an OTEL_EXPORTER_OTLP_*ENDPOINT is set, else console.
-    #[arg(long, env = "TAPWIRE_EXPORTER", value_enum, default_value_t = ExporterChoice::Auto)]
-    pub exporter: ExporterChoice,
-    /// Route template for `http.route`, e.g. `/users/{id}` or `/static/*`; tried in order before
-    /// the built-in heuristic (identifier-like segments become `{id}`). Repeatable; the
-    /// environment variable takes a comma-separated list.
-    #[arg(long = "route", env = "TAPWIRE_ROUTES", value_name = "PATTERN", value_delimiter = ',',
-          value_parser = parse_route)]
-    pub routes: Vec<crate::correlate::route::Pattern>,
-    /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz), e.g. 0.0.0.0:9464.
-    #[arg(long, env = "TAPWIRE_PROMETHEUS_LISTEN", value_name = "ADDR")]
-    pub prometheus_listen: Option<std::net::SocketAddr>,
+pub struct ConfigArgs {
+    /// Print every setting with its effective value and where it came from.
+    #[arg(long)]
+    pub print: bool,
     #[command(flatten)]
-    pub sampling: crate::sampling::SamplingArgs,
-    /// Trace context to the next service: `headers` inserts a W3C `traceparent` line into
-    /// outbound plaintext HTTP/1 requests that carry none (sock_ops + sk_msg on the watched
-    /// cgroups); `off` changes no byte and attaches no sk_msg program.
-    /// Off by default until the nginx upstream hang found in the matrix tests is understood.
-    #[arg(long, env = "TAPWIRE_CONTEXT_PROPAGATION", value_enum, default_value_t = Propagation::Off)]
-    pub context_propagation: Propagation,
+    pub run: RunArgs,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Propagation {
-    Headers,
-    Off,
-}
-
+pub use crate::config::RunArgs;
 pub use crate::export::ExporterChoice;
-
-fn parse_route(s: &str) -> Result<crate::correlate::route::Pattern, String> {
-    crate::correlate::route::Pattern::parse(s.trim()).map_err(|e| e.to_string())
-}
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let env = |name: &str| std::env::var(name).ok();
+    let settings = match &cli.command {
+        Command::Run(args) | Command::Config(ConfigArgs { run: args, .. }) => match config::resolve(args, &env) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("tapwire: {}", check::error_chain(&e));
+                return ExitCode::FAILURE;
+            }
+        },
+        Command::Check => None,
+    };
+    let log = settings.as_ref().map_or("info", |s| s.log.as_str());
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TAPWIRE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
         .init();
-    match cli.command {
-        Command::Check => {
+    match (cli.command, settings) {
+        (Command::Config(c), Some(settings)) => {
+            if !c.print {
+                eprintln!("tapwire: `tapwire config` needs --print");
+                return ExitCode::FAILURE;
+            }
+            print!("{}", config::render(&settings));
+            ExitCode::SUCCESS
+        }
+        (Command::Check, _) | (_, None) => {
             let (lines, ok) = check::run();
             print!("{}", check::render(&lines, ok));
             if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
-        Command::Run(args) => {
+        (Command::Run(_), Some(settings)) => {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -108,7 +100,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(args)) {
+            match runtime.block_on(run(settings)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tapwire: {}", check::error_chain(e.as_ref()));
@@ -119,18 +111,15 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The cgroups the user selected, resolved to directories, rescanned for descendants.
-struct Selection {
-    roots: Vec<PathBuf>,
-}
-
-impl Selection {
-    fn scan(&self) -> HashMap<u64, PathBuf> {
-        let mut ids = HashMap::new();
-        for root in &self.roots {
-            cgroup::scan(root, &mut ids);
-        }
-        ids
+/// `TAPWIRE_CONTEXT_PROPAGATION`: `headers` inserts a W3C `traceparent` line into outbound
+/// plaintext HTTP/1 requests that carry none (sock_ops + sk_msg on the watched cgroups); `off`
+/// (the default for now: nginx proxying to an upstream hangs with injection on) changes no byte
+/// and loads no sk_msg program.
+fn propagation_from_env() -> anyhow::Result<bool> {
+    match std::env::var("TAPWIRE_CONTEXT_PROPAGATION").ok().as_deref() {
+        None | Some("off") => Ok(false),
+        Some("headers") => Ok(true),
+        Some(other) => anyhow::bail!("TAPWIRE_CONTEXT_PROPAGATION={other:?}: expected headers or off"),
     }
 }
 
@@ -144,23 +133,24 @@ fn kernel_sampler((root, parent_based, threshold): (u32, u32, u64)) -> tapwire_c
     tapwire_common::SamplerParams { threshold, parent_based, _pad: 0 }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(args: Settings) -> anyhow::Result<()> {
     if let tracefs::TracefsState::Unavailable { reason } = tracefs::ensure() {
         anyhow::bail!("{reason}");
     }
     let mount = cgroup::cgroup2_mount().ok_or(cgroup::CgroupError::NoCgroup2)?;
-    let roots = args.cgroups.iter().map(|c| cgroup::resolve(c, &mount)).collect::<Result<Vec<_>, _>>()?;
-    let selection = Selection { roots };
-
     let counters = Arc::new(Counters::default());
+    let process_env = |name: &str| std::env::var(name).ok();
+    let otel = |name: &str| args.otel_var(&process_env, name);
+    let explain = |e: export::ConfigError| anyhow::anyhow!(args.explain_otel_error(&process_env, &e.to_string()));
     // Kubernetes metadata of this node's pods, watched in the background (never waited for).
-    let _pods = crate::discover::k8s::start(&crate::discover::k8s::K8sOptions::from_env()?, counters.clone()).await?;
-    let export_config = export::resolve_config(args.exporter)?;
-    let sampling = crate::sampling::SamplingConfig::resolve(&args.sampling, &|name| std::env::var(name).ok())?;
+    let pods = crate::discover::k8s::start(&args.kubernetes, counters.clone()).await?;
+    let mut selector = Selector::new(&args.selection, &mount, pods).context("while setting up the selection")?;
+    let export_config = export::ExportConfig::resolve(args.exporter, &otel).map_err(explain)?;
+    let sampling = crate::sampling::SamplingConfig::resolve_with_file(&args.sampling_args, &process_env, &args.sampling.to_sampling())?;
     let sampler = crate::sampling::Sampler::new(sampling, counters.clone());
     sampler.log_settings();
     let exporter = export::spawn(export_config, counters.clone()).context("while starting the span exporter")?;
-    let metrics_config = resolve_metrics_config(args.exporter)?.with_prometheus_listen(args.prometheus_listen);
+    let metrics_config = MetricsExportConfig::resolve(args.exporter, &otel).map_err(explain)?.with_prometheus_listen(args.prometheus_listen);
     let prometheus = Arc::new(PrometheusState::new());
     let mut prometheus_task = None;
     if let Some(addr) = metrics_config.prometheus {
@@ -178,13 +168,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _run_time_stats = crate::metrics::ebpf::enable_run_time_stats();
     probes.attach_all()?;
     probes.set_sampler(kernel_sampler(sampler.kernel_params()))?;
-    if args.context_propagation == Propagation::Headers {
-        for root in &selection.roots {
-            probes.attach_propagation(root)?;
+    selector.sync(&mut probes)?;
+    let mut ids = selector.cgroups().clone();
+    let propagate = propagation_from_env()?;
+    if propagate {
+        // The outermost selected cgroups: a program attached there also runs below them.
+        let dirs: std::collections::HashSet<&std::path::PathBuf> = ids.values().collect();
+        for dir in &dirs {
+            if !dir.ancestors().skip(1).any(|a| dirs.contains(&a.to_path_buf())) {
+                probes.attach_propagation(dir)?;
+            }
         }
     }
-    let mut ids = selection.scan();
-    probes.set_selection(&ids.keys().copied().collect())?;
     let mut resources = ProcResources::new();
     resources.set_cgroups(ids.clone());
     let mut reader = RingReader::new(probes.take_ring()?).context("while setting up the ring-buffer reader")?;
@@ -193,7 +188,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     tracing::info!(
         cgroups = ids.len(),
-        roots = ?selection.roots,
+        watched_directories = selector.watched(),
         hooks = capture::HOOKS.len(),
         "capture ready"
     );
@@ -211,10 +206,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             r = reader.read_batch(&mut events, &counters, 1024) => {
                 r.context("while reading the ring buffer")?;
                 for event in events.drain(..) {
+                    if !selector.admits(event.origin().pid, event.origin().cgroup_id) {
+                        continue;
+                    }
                     collectors.on_event(&event, &mut resources);
                     correlator.on_event(event, &mut resources, &mut spans);
                 }
                 for span in spans.drain(..) {
+                    if let Some(pid) = select::otlp_export_sender(&span) {
+                        selector.saw_otlp_export(pid);
+                    }
                     collectors.on_span(&span);
                     if let Some(span) = sampler.apply(span) {
                         exporter.send(span);
@@ -225,15 +226,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 collectors.set_active_requests(&correlator.active_server_requests());
                 metrics_exporter.export(collectors.snapshot(&ids, &mut resources, exporter.queue_len()));
             }
-            _ = tick.tick() => {
-                let now = selection.scan();
-                if now.len() != ids.len() || now.keys().any(|k| !ids.contains_key(k)) {
-                    let set: HashSet<u64> = now.keys().copied().collect();
-                    let (added, removed) = probes.set_selection(&set)?;
-                    tracing::info!(added, removed, watched = set.len(), "cgroup selection changed");
-                    ids = now;
+            r = selector.tree_changed() => {
+                r.context("while watching the cgroup tree")?;
+                if selector.on_tree_change() {
+                    ids = selector.cgroups().clone();
                     resources.set_cgroups(ids.clone());
                 }
+                selector.sync(&mut probes)?;
+            }
+            _ = tick.tick() => {
+                if selector.tick() {
+                    ids = selector.cgroups().clone();
+                    resources.set_cgroups(ids.clone());
+                }
+                selector.sync(&mut probes)?;
                 correlator.expire(monotonic_ns(), &mut resources, &mut spans);
                 for span in spans.drain(..) {
                     collectors.on_span(&span);
@@ -259,6 +265,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 if last_prune.elapsed() > Duration::from_secs(10) {
                     resources.prune();
+                    selector.prune();
                     last_prune = Instant::now();
                 }
             }

@@ -7,6 +7,7 @@
 pub mod app;
 pub mod capture;
 pub mod clock;
+pub mod config;
 pub mod correlate;
 pub mod discover;
 pub mod export;

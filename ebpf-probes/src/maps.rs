@@ -17,9 +17,15 @@ pub static PAYLOAD_CAP: u32 = tapwire_common::DEFAULT_PAYLOAD_CAP;
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
-/// cgroup id -> 1 for every selected cgroup (user space keeps it in sync with the selection).
+/// cgroup id -> CGROUP_ALL or CGROUP_LISTED for every selected cgroup (user space keeps it in
+/// sync with the selection).
 #[map(name = "SELECTED_CGROUPS")]
 pub static SELECTED_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(16384, 0);
+
+/// tgid -> TGID_INCLUDE or TGID_EXCLUDE: per-process verdicts inside selected cgroups
+/// (executable names, ports, processes exporting OTLP themselves).
+#[map(name = "SELECTED_TGIDS")]
+pub static SELECTED_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
 
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
@@ -82,7 +88,8 @@ pub fn count(counter: Counter) {
     }
 }
 
-/// True when the current thread belongs to a selected cgroup and is not the agent.
+/// True when the current thread belongs to a selected cgroup, is not the agent, and its process
+/// is not excluded (in a CGROUP_LISTED cgroup: is listed as included).
 #[inline(always)]
 pub fn selected() -> bool {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -91,8 +98,12 @@ pub fn selected() -> bool {
         return false;
     }
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: the value is not kept beyond this check.
-    unsafe { SELECTED_CGROUPS.get(&cgroup).is_some() }
+    // SAFETY: the values are copied out at once.
+    let Some(mode) = (unsafe { SELECTED_CGROUPS.get(&cgroup) }).copied() else { return false };
+    match unsafe { SELECTED_TGIDS.get(&tgid) } {
+        Some(verdict) => *verdict == tapwire_common::TGID_INCLUDE,
+        None => mode == tapwire_common::CGROUP_ALL,
+    }
 }
 
 /// The process that last moved data on a socket, for events raised in kernel context.

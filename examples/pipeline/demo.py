@@ -89,7 +89,9 @@ def run(args: argparse.Namespace, pipeline: stack.Stack) -> bool:
     ports = pipeline.port_names()
     watched = set(WATCHED)
 
-    before = scrape(pipeline.prometheus_url)
+    # The starting point of every delta: once tapwire measures the CPU of every service.
+    before = fresh_scrape(pipeline.prometheus_url, lambda s: set(WATCHED) <= set(
+        report.by_job(s, "container_cpu_time_seconds_total")))
     before_t = time.monotonic()
 
     # One request alone: its trace is the one printed.

@@ -233,6 +233,30 @@ impl Probes {
         Ok((added, removed))
     }
 
+    /// Applies changes to the selection maps: cgroup id -> `CGROUP_ALL`/`CGROUP_LISTED` and
+    /// tgid -> `TGID_INCLUDE`/`TGID_EXCLUDE`; `None` removes the entry.
+    pub fn update_selection(&mut self, cgroups: &[(u64, Option<u32>)], tgids: &[(u32, Option<u32>)]) -> Result<(), CaptureError> {
+        let err = |map| move |source| CaptureError::Map { map, source };
+        let map = self.ebpf.map_mut(names::SELECTED_CGROUPS).ok_or(CaptureError::MissingMap(names::SELECTED_CGROUPS))?;
+        let mut map: BpfHashMap<&mut MapData, u64, u32> = BpfHashMap::try_from(map).map_err(err(names::SELECTED_CGROUPS))?;
+        for (id, mode) in cgroups {
+            match mode {
+                Some(m) => map.insert(id, m, 0).map_err(err(names::SELECTED_CGROUPS))?,
+                // Already gone is fine.
+                None => drop(map.remove(id)),
+            }
+        }
+        let map = self.ebpf.map_mut(names::SELECTED_TGIDS).ok_or(CaptureError::MissingMap(names::SELECTED_TGIDS))?;
+        let mut map: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(map).map_err(err(names::SELECTED_TGIDS))?;
+        for (tgid, verdict) in tgids {
+            match verdict {
+                Some(v) => map.insert(tgid, v, 0).map_err(err(names::SELECTED_TGIDS))?,
+                None => drop(map.remove(tgid)),
+            }
+        }
+        Ok(())
+    }
+
     /// Takes the ring buffer out of the object, for the reader task.
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, CaptureError> {
         let map = self.ebpf.take_map(names::EVENTS).ok_or(CaptureError::MissingMap(names::EVENTS))?;

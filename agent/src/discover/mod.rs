@@ -1,8 +1,10 @@
 //! Which processes to watch and what to call them.
 
 pub mod cgroup;
+pub mod container;
 pub mod k8s;
 pub mod resource;
+pub mod select;
 
 use std::sync::Arc;
 

@@ -5,11 +5,23 @@
 #![no_std]
 
 /// Names of the maps and globals, shared so that user space finds what the kernel side declares.
+/// SELECTED_CGROUPS value: every process of the cgroup is captured unless excluded by tgid.
+pub const CGROUP_ALL: u32 = 1;
+/// SELECTED_CGROUPS value: only processes listed as included by tgid are captured.
+pub const CGROUP_LISTED: u32 = 2;
+/// SELECTED_TGIDS value: the process is not captured.
+pub const TGID_EXCLUDE: u32 = 0;
+/// SELECTED_TGIDS value: the process is captured (in a selected cgroup).
+pub const TGID_INCLUDE: u32 = 1;
+
 pub mod names {
     /// Ring buffer carrying [`crate::EventHeader`]-prefixed events to user space.
     pub const EVENTS: &str = "EVENTS";
-    /// cgroup id (u64) -> 1 for every selected cgroup. Filled by user space.
+    /// cgroup id (u64) -> [`crate::CGROUP_ALL`] or [`crate::CGROUP_LISTED`] for every selected
+    /// cgroup. Filled by user space.
     pub const SELECTED_CGROUPS: &str = "SELECTED_CGROUPS";
+    /// tgid (u32) -> [`crate::TGID_INCLUDE`] or [`crate::TGID_EXCLUDE`]. Filled by user space.
+    pub const SELECTED_TGIDS: &str = "SELECTED_TGIDS";
     /// Per-CPU loss counters, indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// Global: tgid of the agent itself, never captured.

@@ -148,8 +148,7 @@ def run(args: argparse.Namespace, pipeline: stack.Stack) -> bool:
     in_trace = {span["service_name"] for _, span in rows}
     if not watched <= in_trace:
         print(f"\nThis trace holds {len(in_trace & watched)} of the {len(watched)} services: the "
-              f"other services' spans start traces of their own, as the trace context is not "
-              f"carried from one service to the next.")
+              f"trace context did not reach the others, whose spans start traces of their own.")
 
     section(f"per service, over {len(sent)} requests to the gateway in {burst_s:.1f} s")
     table = report.service_table(WATCHED, before, after, sampler.samples, burst_s, window_s)

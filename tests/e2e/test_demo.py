@@ -260,3 +260,100 @@ def test_service_graph_from_metrics_is_drawn_from_the_entry():
         "        `-> 10.0.0.1*  (2 calls)"]
     assert parse_graph(text) == [("api", "10.0.0.1*", 2, 0), ("gw", "api", 4, 2),
                                  ("user*", "gw", 2, 0)]
+
+
+# The trace of the first question, as the demo prints it: (service, kind, callee) -> children.
+# Every CLIENT span's child is the SERVER span of the service it called; the site and the LLM
+# stub are not watched, so their CLIENT spans are leaves.
+EXPECTED_TRACE = (("gateway", "server", None), (
+    (("gateway", "client", "orchestrator"), (
+        (("orchestrator", "server", None), (
+            (("orchestrator", "client", "scraper"), (
+                (("scraper", "server", None), (
+                    (("scraper", "client", "site"), ()),
+                    (("scraper", "client", "processor"), (
+                        (("processor", "server", None), (
+                            (("processor", "client", "vectorstore"), (
+                                (("vectorstore", "server", None), ()),)),)),)),)),)),
+            (("orchestrator", "client", "search"), (
+                (("search", "server", None), (
+                    (("search", "client", "vectorstore"), (
+                        (("vectorstore", "server", None), ()),)),)),)),
+            (("orchestrator", "client", "llm-stub"), ()),)),)),))
+
+
+def parse_tree(text: str) -> list[tuple]:
+    """The printed trace as nested (node, children) tuples, checking on the way that every span
+    lies within its parent's time (printed to 0.1 ms)."""
+    roots: list[list] = []
+    stack: list[tuple[int, list, float, float]] = []  # depth, [node, children], start, end
+    for line in text.splitlines():
+        m = report.TREE_LINE.match(line)
+        if not m:
+            continue
+        depth = len(m["prefix"]) // 3
+        start, end = float(m["start"]), float(m["start"]) + float(m["duration"])
+        callee = re.match(r"\S+ -> ([a-z][a-z0-9-]*)", m["what"]) if m["kind"] == "client" else None
+        entry = [(m["service"], m["kind"], callee.group(1) if callee else None), []]
+        while stack and stack[-1][0] >= depth:
+            stack.pop()
+        if stack:
+            assert stack[-1][0] == depth - 1, f"a line skips a level: {line!r}"
+            _, parent, p_start, p_end = stack[-1]
+            assert p_start - 0.1 <= start and end <= p_end + 0.2, \
+                f"{line!r} is not within its parent ({p_start}..{p_end} ms)"
+            parent[1].append(entry)
+        else:
+            assert depth == 0, f"the first line is not a root: {line!r}"
+            roots.append(entry)
+        stack.append((depth, entry, start, end))
+
+    def freeze(entry) -> tuple:
+        return (entry[0], tuple(freeze(kid) for kid in entry[1]))
+    return [freeze(r) for r in roots]
+
+
+def _sorted(tree: tuple) -> tuple:
+    node, kids = tree
+    return (node, tuple(sorted((_sorted(k) for k in kids), key=repr)))
+
+
+def test_demo_trace_spans_all_six_services_nested(demo):
+    """Needs the trace context carried from service to service (kernel-side traceparent
+    injection): without it each service's spans start a trace of their own."""
+    assert demo.returncode == 0, demo.describe()
+    text = demo.section("one request through the pipeline")
+    header = re.search(r"(\d+) spans? from (\d+) services? \(([^)]*)\)", text)
+    assert header, text
+    assert set(header.group(3).split(", ")) == set(SERVICES), text
+    trees = parse_tree(text)
+    assert len(trees) == 1, f"expected one root span, got {len(trees)}:\n{text}"
+    assert _sorted(trees[0]) == _sorted(EXPECTED_TRACE), text
+    assert int(header.group(1)) == 15, text  # 7 server spans (vectorstore twice), 8 client
+
+
+def test_parse_tree_reads_what_trace_tree_prints():
+    """The check above, on a made-up trace of the expected shape, and on one that breaks it."""
+    ports = {1: "orchestrator", 2: "scraper", 3: "site", 4: "processor", 5: "vectorstore",
+             6: "search", 7: "llm-stub"}
+    spans, serial = [], iter(range(1, 100))
+
+    def add(tree: tuple, parent: str, start: float, end: float) -> None:
+        (service, kind, target), kids = tree
+        span_id = f"s{next(serial)}"
+        port = {v: k for k, v in ports.items()}.get(target, 0)
+        spans.append(span(service, kind.upper(), span_id, parent, start, end - start,
+                          **{"server.port": port, "url.path": "/x"}))
+        step = (end - start) / (2 * len(kids) + 1) if kids else 0
+        for i, kid in enumerate(kids):
+            add(kid, span_id, start + step * (2 * i + 1), start + step * (2 * i + 2))
+
+    add(EXPECTED_TRACE, "", 0.0, 300.0)
+    text, _ = report.trace_tree(spans, "t1", ports, set(SERVICES))
+    assert [_sorted(t) for t in parse_tree(text)] == [_sorted(EXPECTED_TRACE)], text
+    assert re.search(r"15 spans from 6 services", text), text
+    # A child that ends after its parent is caught.
+    spans[-1]["duration_ns"] += int(400e6)
+    text, _ = report.trace_tree(spans, "t1", ports, set(SERVICES))
+    with pytest.raises(AssertionError, match="not within its parent"):
+        parse_tree(text)

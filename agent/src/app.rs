@@ -144,7 +144,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     let explain = |e: export::ConfigError| anyhow::anyhow!(args.explain_otel_error(&process_env, &e.to_string()));
     // Kubernetes metadata of this node's pods, watched in the background (never waited for).
     let pods = crate::discover::k8s::start(&args.kubernetes, counters.clone()).await?;
-    let mut selector = Selector::new(&args.selection, &mount, pods).context("while setting up the selection")?;
+    let mut selector = Selector::new(&args.selection, &mount, pods.clone()).context("while setting up the selection")?;
     let export_config = export::ExportConfig::resolve(args.exporter, &otel).map_err(explain)?;
     let sampling = crate::sampling::SamplingConfig::resolve_with_file(&args.sampling_args, &process_env, &args.sampling.to_sampling())?;
     let sampler = crate::sampling::Sampler::new(sampling, counters.clone());
@@ -180,7 +180,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
             }
         }
     }
-    let mut resources = ProcResources::new();
+    let mut resources = ProcResources::new().with_context(pods, args.resource_attributes.clone());
     resources.set_cgroups(ids.clone());
     let mut reader = RingReader::new(probes.take_ring()?).context("while setting up the ring-buffer reader")?;
     let correlate_config = CorrelateConfig { route_patterns: args.routes.clone(), ..CorrelateConfig::default() };

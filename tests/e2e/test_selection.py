@@ -87,7 +87,8 @@ def test_exclusions_and_the_services_own_name(cgroup, fastapi_service, tapwire, 
     # Configured to export OTLP (to a port where nothing listens: it never gets that far).
     sdk = fastapi_service(cgroup("sel-sdk"), env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"},
                           label="sdk")
-    agent = tapwire([f"/tapwire-e2e-sel-*-{pid}"], env=otlp_receiver.exporter_env("grpc"),
+    env = {**otlp_receiver.exporter_env("grpc"), "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=e2e"}
+    agent = tapwire([f"/tapwire-e2e-sel-*-{pid}"], env=env,
                     args=["--exclude-cgroup", f"/tapwire-e2e-sel-excluded-{pid}"])
     for svc in (plain, named, excluded, sdk):
         for i in range(N):
@@ -97,6 +98,8 @@ def test_exclusions_and_the_services_own_name(cgroup, fastapi_service, tapwire, 
     want = {f"tapwire-e2e-sel-plain-{pid}": N, "checkout": N}
     assert counts == want, otlp_receiver.describe(f"span counts {dict(counts)}, expected {want}", agent.diagnostics)
     assert "not watching a process that exports OTLP itself" in agent.diagnostics()
+    # The agent's own OTEL_RESOURCE_ATTRIBUTES are on every service it reports.
+    assert {s["resource"].get("deployment.environment.name") for s in spans} == {"e2e"}
 
 
 def test_port_selects_one_process_of_a_cgroup(cgroup, fastapi_service, tapwire, otlp_receiver):

@@ -250,3 +250,14 @@ fn print_shows_sources_and_hides_secrets() {
     assert!(line("sampling").ends_with("# default"));
     assert!(line("kubernetes.node_name").contains("node-a"));
 }
+
+#[test]
+fn the_example_file_in_deploy_parses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/tapwire.example.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let file = parse_file(&path, &text).unwrap();
+    assert_eq!(file.selection.exclude_namespaces.as_deref(), Some(&["kube-system".to_string()][..]));
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let body: String = text.lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect();
+    assert!(readme.contains(&body), "README's example and deploy/tapwire.example.yaml differ");
+}

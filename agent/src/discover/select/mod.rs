@@ -185,7 +185,13 @@ impl Selector {
             // The kernel only passes listed processes of these cgroups.
             return true;
         }
-        let v = self.decide(pid);
+        // A process that already exited (a short-lived client such as curl, gone before its
+        // first events are read) cannot be checked against the exclusions; its cgroup is
+        // selected, so its events are kept rather than lost.
+        let v = match ProcInfo::read(&self.proc_root, pid) {
+            Some(info) => decide(&self.config, &info, || listening_ports(&self.proc_root, pid), pid),
+            None => Verdict::In,
+        };
         self.verdicts.insert(pid, (v, Instant::now()));
         if v == Verdict::Out {
             self.dirty = true;

@@ -109,3 +109,21 @@ fn kernel_map_diff() {
     d.sort();
     assert_eq!(d, vec![(1, None), (3, Some(1)), (4, Some(1))]);
 }
+
+#[test]
+fn a_process_gone_before_its_events_are_read_keeps_them() {
+    // Short-lived clients (curl) exit before the agent reads their first events; their cgroup
+    // is selected, so they are admitted rather than lost.
+    let mount = std::env::temp_dir().join(format!("tapwire-select-gone-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&mount);
+    std::fs::create_dir_all(mount.join("clients")).unwrap();
+    let mut c = config();
+    c.cgroups = vec![CgroupPattern::parse("/clients").unwrap()];
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _guard = rt.enter();
+    let mut s = Selector::new(&c, &mount, Arc::new(NoPods)).unwrap();
+    let (&id, _) = s.cgroups().iter().next().expect("the clients cgroup is selected");
+    s.proc_root = mount.join("no-proc");
+    assert!(s.admits(4_000_000, id));
+    std::fs::remove_dir_all(&mount).unwrap();
+}

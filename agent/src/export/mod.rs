@@ -207,7 +207,8 @@ pub(crate) fn account(
                     rejected = delivery.rejected,
                     failed_total = Counters::get(failed),
                     held_back,
-                    message,
+                    // Not `message`: tracing prints that field as the event's own text.
+                    collector_message = message,
                     "the collector rejected part of an export"
                 );
             }

@@ -97,9 +97,17 @@ pub(crate) async fn call<T>(
     call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T, Failure> {
     // The channel's own timeout covers the call; this one also bounds connection setup.
+    let timed_out = || Failure::transient("timeout", format!("no response within {timeout:?}"));
     match tokio::time::timeout(timeout + Duration::from_millis(100), call).await {
-        Err(_) => Err(Failure::transient("timeout", format!("no response within {timeout:?}"))),
+        Err(_) => Err(timed_out()),
+        Ok(Err(status)) if is_own_timeout(&status) => Err(timed_out()),
         Ok(Err(status)) => Err(classify_grpc(&status)),
         Ok(Ok(response)) => Ok(response.into_inner()),
     }
+}
+
+/// The channel's timeout fired: tonic reports it as CANCELLED "Timeout expired", which would
+/// read as if something else had cancelled the call.
+fn is_own_timeout(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Cancelled && status.message() == tonic::TimeoutExpired(()).to_string()
 }

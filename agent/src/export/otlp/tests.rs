@@ -250,16 +250,32 @@ async fn partial_success_reports_rejected_spans() {
 
 #[tokio::test]
 async fn request_timeout_is_retryable() {
-    let collector = Collector::http(vec![Reply::Hang, Reply::Hang]).await;
-    let mut cfg = config(
-        format!("http://{}/v1/traces", collector.addr),
-        Protocol::HttpProtobuf,
-        Compression::None,
-    );
-    cfg.timeout = Duration::from_millis(100);
-    let mut exporter = OtlpExporter::new(&cfg).unwrap().with_policy(fast_policy(2));
-    let (result, attempts) = exporter.export(&spans(), deadline()).await;
-    assert_eq!((result.expect_err("hangs").kind.as_str(), attempts), ("timeout", 2));
+    for protocol in [Protocol::HttpProtobuf, Protocol::Grpc] {
+        let (collector, endpoint) = match protocol {
+            Protocol::HttpProtobuf => {
+                let c = Collector::http(vec![Reply::Hang, Reply::Hang]).await;
+                let endpoint = format!("http://{}/v1/traces", c.addr);
+                (c, endpoint)
+            }
+            Protocol::Grpc => {
+                let c = Collector::grpc(vec![Reply::Hang, Reply::Hang]).await;
+                let endpoint = format!("http://{}", c.addr);
+                (c, endpoint)
+            }
+        };
+        let mut cfg = config(endpoint, protocol, Compression::None);
+        cfg.timeout = Duration::from_millis(100);
+        let mut exporter = OtlpExporter::new(&cfg).unwrap().with_policy(fast_policy(2));
+        let (result, attempts) = exporter.export(&spans(), deadline()).await;
+        let failure = result.expect_err("hangs");
+        // One kind and message for both transports (tonic says CANCELLED "Timeout expired").
+        assert_eq!(
+            (failure.kind.as_str(), failure.message.as_str(), attempts),
+            ("timeout", "no response within 100ms", 2),
+            "{protocol:?}"
+        );
+        drop(collector);
+    }
 }
 
 #[tokio::test]

@@ -8,10 +8,17 @@ the agent it checks. It serves:
 - OTLP/HTTP with protobuf bodies: POST /v1/traces and /v1/metrics, `Content-Type:
   application/x-protobuf`, optional `Content-Encoding: gzip`.
 
-Every decoded request is stored. `spans()` flattens the stored trace requests into plain dicts and
+Every decoded request is stored, with the protobuf bytes it arrived as (`Received.raw`, after
+gRPC or HTTP decompression). `spans()` flattens the stored trace requests into plain dicts and
 `wait_for_spans()` blocks (bounded) until a number of spans arrived. `metric_points()` flattens
 the stored metric requests into one dict per data point and `latest_metric_points()` keeps the
 newest point of each stream (what a cumulative metric stands at).
+
+Switches for collector trouble, changed at any time: `stop()` then `start()` is a collector that
+goes down and comes back on the same ports; `response_delay_s` answers every export that much
+later (a slow collector: the request is stored on arrival, the answer waits); `reject_spans` (with
+`reject_message`) answers each trace export with an OTLP partial success rejecting that many of
+its spans (at most all of them), as `ExportTracePartialSuccess.rejected_spans`.
 
 Standalone, for manual runs against a locally started agent:
 
@@ -27,6 +34,7 @@ import dataclasses
 import gzip
 import http.server
 import json
+import socket
 import sys
 import threading
 import time
@@ -35,8 +43,8 @@ from concurrent import futures
 from typing import Any, Callable
 
 import grpc
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -67,6 +75,8 @@ class Received:
     message: Any  # ExportTraceServiceRequest or ExportMetricsServiceRequest
     headers: dict[str, str]  # HTTP headers, or gRPC invocation metadata
     received_ns: int
+    raw: bytes = b""  # the protobuf bytes as received (decompressed)
+    rejected: int = 0  # spans this receiver answered as rejected (partial success)
 
 
 def any_value(value: common_pb2.AnyValue) -> Any:
@@ -218,25 +228,30 @@ class OtlpReceiver:
         self._grpc_server: grpc.Server | None = None
         self._http_server: http.server.ThreadingHTTPServer | None = None
         self._http_thread: threading.Thread | None = None
+        self._http_connections: set[socket.socket] = set()  # open, closed by stop()
         self.grpc_port = 0
         self.http_port = 0
+        # Collector trouble (see the module docstring); read on every export.
+        self.response_delay_s = 0.0
+        self.reject_spans = 0
+        self.reject_message = ""
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> "OtlpReceiver":
+        """Starts serving; after stop(), on the same ports as before (what was received is
+        kept)."""
+        grpc_port = self.grpc_port or self._requested_grpc_port
+        http_port = self.http_port or self._requested_http_port
         self._grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceServicer(self),
-                                                                  self._grpc_server)
-        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsServicer(self),
-                                                                      self._grpc_server)
-        self.grpc_port = self._grpc_server.add_insecure_port(
-            f"{self.host}:{self._requested_grpc_port}")
+        self._grpc_server.add_generic_rpc_handlers(_grpc_handlers(self))
+        self.grpc_port = self._grpc_server.add_insecure_port(f"{self.host}:{grpc_port}")
         if self.grpc_port == 0:
-            raise RuntimeError(f"cannot bind the OTLP/gRPC port {self._requested_grpc_port}")
+            raise RuntimeError(f"cannot bind the OTLP/gRPC port {grpc_port}")
         self._grpc_server.start()
 
         self._http_server = http.server.ThreadingHTTPServer(
-            (self.host, self._requested_http_port), _make_http_handler(self))
+            (self.host, http_port), _make_http_handler(self))
         self._http_server.daemon_threads = True
         self.http_port = self._http_server.server_address[1]
         self._http_thread = threading.Thread(target=self._http_server.serve_forever,
@@ -245,10 +260,18 @@ class OtlpReceiver:
         return self
 
     def stop(self) -> None:
+        """Stops serving and closes every connection, as a collector going down does."""
         if self._http_server is not None:
             self._http_server.shutdown()
             self._http_server.server_close()
             self._http_server = None
+            with self._cond:
+                connections, self._http_connections = self._http_connections, set()
+            for conn in connections:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed by its client
         if self._grpc_server is not None:
             self._grpc_server.stop(grace=1).wait(5)
             self._grpc_server = None
@@ -293,6 +316,20 @@ class OtlpReceiver:
             self._cond.notify_all()
         if self._on_receive is not None:
             self._on_receive(received)
+
+    def _answer(self, received: Received, response_type):
+        """Stores an export and builds its answer, as the collector switches say."""
+        response = response_type()
+        if received.signal == "traces" and self.reject_spans > 0:
+            count = sum(len(ss.spans) for rs in received.message.resource_spans
+                        for ss in rs.scope_spans)
+            received.rejected = min(self.reject_spans, count)
+            response.partial_success.rejected_spans = received.rejected
+            response.partial_success.error_message = self.reject_message
+        self._store(received)
+        if self.response_delay_s > 0:
+            time.sleep(self.response_delay_s)
+        return response
 
     def _error(self, message: str) -> None:
         with self._cond:
@@ -400,24 +437,32 @@ class OtlpReceiver:
         return "\n".join(lines)
 
 
-class _TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, receiver: OtlpReceiver):
-        self._receiver = receiver
+def _grpc_handlers(receiver: OtlpReceiver) -> tuple[grpc.GenericRpcHandler, ...]:
+    """TraceService/Export and MetricsService/Export, deserialised here so that the raw request
+    bytes are kept."""
 
-    def Export(self, request, context):  # noqa: N802 (generated name)
-        self._receiver._store(Received("grpc", "traces", request,
-                                       _metadata(context), time.time_ns()))
-        return trace_service_pb2.ExportTraceServiceResponse()
+    def export(signal: str, request_type, response_type) -> grpc.RpcMethodHandler:
+        def behaviour(raw_and_request, context):
+            raw, request = raw_and_request
+            return receiver._answer(
+                Received("grpc", signal, request, _metadata(context), time.time_ns(), raw),
+                response_type)
 
+        return grpc.unary_unary_rpc_method_handler(
+            behaviour,
+            request_deserializer=lambda raw: (raw, request_type.FromString(raw)),
+            response_serializer=response_type.SerializeToString)
 
-class _MetricsServicer(metrics_service_pb2_grpc.MetricsServiceServicer):
-    def __init__(self, receiver: OtlpReceiver):
-        self._receiver = receiver
-
-    def Export(self, request, context):  # noqa: N802 (generated name)
-        self._receiver._store(Received("grpc", "metrics", request,
-                                       _metadata(context), time.time_ns()))
-        return metrics_service_pb2.ExportMetricsServiceResponse()
+    return (
+        grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.trace.v1.TraceService",
+            {"Export": export("traces", trace_service_pb2.ExportTraceServiceRequest,
+                              trace_service_pb2.ExportTraceServiceResponse)}),
+        grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.metrics.v1.MetricsService",
+            {"Export": export("metrics", metrics_service_pb2.ExportMetricsServiceRequest,
+                              metrics_service_pb2.ExportMetricsServiceResponse)}),
+    )
 
 
 def _metadata(context) -> dict[str, str]:
@@ -440,12 +485,28 @@ def _make_http_handler(receiver: OtlpReceiver):
         def log_message(self, fmt, *args):  # silence the per-request access log
             pass
 
+        def setup(self):
+            super().setup()
+            with receiver._cond:
+                receiver._http_connections.add(self.connection)
+
+        def finish(self):
+            with receiver._cond:
+                receiver._http_connections.discard(self.connection)
+            try:
+                super().finish()
+            except OSError:
+                pass  # the client went away (it gave up on a slow answer)
+
         def _reply(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:  # the client gave up waiting (slow answers) or stop() closed it
+                self.close_connection = True
 
         def _reject(self, status: int, why: str) -> None:
             receiver._error(f"HTTP {self.command} {self.path}: {status} {why}")
@@ -486,10 +547,11 @@ def _make_http_handler(receiver: OtlpReceiver):
                 message = request_type.FromString(body)
             except Exception as err:  # noqa: BLE001 (any decode failure is a 400)
                 return self._reject(400, f"cannot decode {encoding} protobuf body: {err}")
-            receiver._store(Received("http", signal, message,
-                                     {k.lower(): v for k, v in self.headers.items()},
-                                     time.time_ns()))
-            self._reply(200, response_type().SerializeToString(), PROTOBUF_CONTENT_TYPE)
+            response = receiver._answer(
+                Received("http", signal, message, {k.lower(): v for k, v in self.headers.items()},
+                         time.time_ns(), body),
+                response_type)
+            self._reply(200, response.SerializeToString(), PROTOBUF_CONTENT_TYPE)
 
         def do_GET(self):  # noqa: N802
             self._reject(405, "OTLP/HTTP accepts POST only")

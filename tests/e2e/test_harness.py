@@ -170,6 +170,72 @@ def test_receiver_metrics_over_both_transports(receiver):
     assert receiver.span_count() == 0
 
 
+def test_receiver_keeps_raw_bytes(receiver):
+    body = trace_request().SerializeToString()
+    with grpc.insecure_channel(f"127.0.0.1:{receiver.grpc_port}") as channel:
+        trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+            trace_request(), compression=grpc.Compression.Gzip, timeout=5)
+    requests.post(f"{receiver.http_endpoint}/v1/traces", data=gzip.compress(body),
+                  headers={"Content-Type": "application/x-protobuf",
+                           "Content-Encoding": "gzip"}, timeout=5).raise_for_status()
+    assert [r.raw for r in receiver.trace_requests()] == [body, body]
+
+
+def test_receiver_down_and_back_on_the_same_ports(receiver):
+    grpc_port, http_port = receiver.grpc_port, receiver.http_port
+    session = requests.Session()  # a kept-alive connection must not outlive the stop
+    post = lambda: session.post(f"{receiver.http_endpoint}/v1/traces",  # noqa: E731
+                                data=trace_request().SerializeToString(),
+                                headers={"Content-Type": "application/x-protobuf"}, timeout=5)
+    assert post().status_code == 200
+    receiver.stop()
+    with pytest.raises(requests.ConnectionError):
+        post()
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            trace_service_pb2_grpc.TraceServiceStub(channel).Export(trace_request(), timeout=2)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    receiver.start()
+    assert (receiver.grpc_port, receiver.http_port) == (grpc_port, http_port)
+    assert post().status_code == 200
+    assert receiver.span_count() == 2, "what was received before the outage is kept"
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_receiver_partial_success_and_slow_answers(receiver, transport):
+    receiver.reject_spans, receiver.reject_message = 5, "harness rejects"
+    receiver.response_delay_s = 0.5
+    two_spans = trace_request()
+    two_spans.resource_spans[0].scope_spans[0].spans.append(
+        two_spans.resource_spans[0].scope_spans[0].spans[0])
+    started = time.monotonic()
+    if transport == "grpc":
+        with grpc.insecure_channel(f"127.0.0.1:{receiver.grpc_port}") as channel:
+            reply = trace_service_pb2_grpc.TraceServiceStub(channel).Export(two_spans, timeout=5)
+    else:
+        answer = requests.post(f"{receiver.http_endpoint}/v1/traces",
+                               data=two_spans.SerializeToString(),
+                               headers={"Content-Type": "application/x-protobuf"}, timeout=5)
+        reply = trace_service_pb2.ExportTraceServiceResponse.FromString(answer.content)
+    assert time.monotonic() - started >= 0.5
+    assert (reply.partial_success.rejected_spans, reply.partial_success.error_message) == \
+        (2, "harness rejects"), "rejected: at most the spans of the request"
+    assert [r.rejected for r in receiver.trace_requests()] == [2]
+    # Stored on arrival, before the slow answer; a client that gives up still delivered it.
+    receiver.response_delay_s = 2.0
+    if transport == "grpc":
+        with grpc.insecure_channel(f"127.0.0.1:{receiver.grpc_port}") as channel:
+            with pytest.raises(grpc.RpcError) as raised:
+                trace_service_pb2_grpc.TraceServiceStub(channel).Export(two_spans, timeout=0.3)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    else:
+        with pytest.raises(requests.Timeout):
+            requests.post(f"{receiver.http_endpoint}/v1/traces",
+                          data=two_spans.SerializeToString(),
+                          headers={"Content-Type": "application/x-protobuf"}, timeout=0.3)
+    assert len(receiver.trace_requests()) == 2
+
+
 def test_receiver_exporter_env(receiver):
     assert receiver.exporter_env("grpc") == {
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.grpc_port}",

@@ -4,6 +4,7 @@ Handlers report how long they ran (`handler_ns`, measured with perf_counter from
 return) so a test can check a span covers at least the handler's time.
 
     GET /items/{id}?delay_ms=N   sleeps N ms, 200 {"id", "delay_ms", "handler_ns"}
+                                 (`&status=S`: answers S instead of 200)
     GET /fail?delay_ms=N         sleeps N ms, 500 {"error", "delay_ms", "handler_ns"}
     GET /hello                   200 {"hello": "world", "handler_ns"}
 """
@@ -27,10 +28,11 @@ async def sleep_at_least(delay_ms: int) -> None:
 
 
 @app.get("/items/{item_id}")
-async def get_item(item_id: int, delay_ms: int = 0):
+async def get_item(item_id: int, delay_ms: int = 0, status: int = 200):
     start = time.perf_counter_ns()
     await sleep_at_least(delay_ms)
-    return {"id": item_id, "delay_ms": delay_ms, "handler_ns": time.perf_counter_ns() - start}
+    return JSONResponse(status_code=status, content={
+        "id": item_id, "delay_ms": delay_ms, "handler_ns": time.perf_counter_ns() - start})
 
 
 @app.get("/fail")

@@ -265,6 +265,7 @@ def test_collector_outage(collector_setup, protocol):
     before = run_load(base, 1, 100)
     receiver.wait_for_spans(100, SPANS_TIMEOUT_S, diagnostics=agent.diagnostics)
 
+    rss_before = vm_rss_bytes(agent.pid)
     receiver.stop()
     outage_started = time.time()
     load = Load(base, 10_001, OUTAGE_RATE, count=int(OUTAGE_S * OUTAGE_RATE),
@@ -335,7 +336,8 @@ def test_collector_outage(collector_setup, protocol):
     assert stopped_counts(stderr) == {f"spans_{k}": v for k, v in totals.items()}
     print(f"outage {OUTAGE_S:.0f} s at {OUTAGE_RATE:.0f} req/s over {protocol}: {totals}; "
           f"export resumed {resumed_after:.2f} s after the collector came back; agent RSS "
-          f"{first_full[3] / 2**20:.1f} MiB when the queue filled, grew {rss_growth} B after; "
+          f"{rss_before / 2**20:.1f} MiB before the outage, {first_full[3] / 2**20:.1f} MiB "
+          f"when the queue filled, grew {rss_growth} B after; "
           f"{len(full_lines)} queue-full and {len(failed_lines)} export-failure warnings")
 
 

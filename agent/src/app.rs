@@ -1,6 +1,8 @@
 //! Command line and top-level wiring: capture -> correlate -> export.
 
 use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
     process::ExitCode,
     sync::Arc,
     time::{Duration, Instant},
@@ -11,7 +13,7 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    config::{self, Settings},
+    config::{self, Settings, file::ContextPropagation},
     capture::{self, CaptureConfig, Probes, check, event::Event, ring::RingReader, tracefs},
     clock::{Clock, monotonic_ns},
     correlate::{CorrelateConfig, Correlator},
@@ -111,16 +113,26 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// `TAPWIRE_CONTEXT_PROPAGATION`: `headers` inserts a W3C `traceparent` line into outbound
-/// plaintext HTTP/1 requests that carry none (sock_ops + sk_msg on the watched cgroups); `off`
-/// (the default for now: nginx proxying to an upstream hangs with injection on) changes no byte
-/// and loads no sk_msg program.
-fn propagation_from_env() -> anyhow::Result<bool> {
-    match std::env::var("TAPWIRE_CONTEXT_PROPAGATION").ok().as_deref() {
-        None | Some("off") => Ok(false),
-        Some("headers") => Ok(true),
-        Some(other) => anyhow::bail!("TAPWIRE_CONTEXT_PROPAGATION={other:?}: expected headers or off"),
+/// Attaches the propagation programs to the outermost selected cgroups (a program attached
+/// there also runs in every cgroup below it); cgroups already done are skipped. Returns whether
+/// propagation stays on: a kernel where a sockhash member misbehaves (see
+/// [`capture::sockcheck`]) gets none, with one warning, and the watched traffic is left alone.
+fn attach_propagation(probes: &mut Probes, ids: &HashMap<u64, PathBuf>) -> anyhow::Result<bool> {
+    let dirs: HashSet<&PathBuf> = ids.values().collect();
+    for dir in &dirs {
+        if dir.ancestors().skip(1).any(|a| dirs.contains(&a.to_path_buf())) {
+            continue;
+        }
+        match probes.attach_propagation(dir) {
+            Ok(()) => {}
+            Err(e @ capture::probes::CaptureError::PropagationUnsafe(_)) => {
+                tracing::warn!("{e}; spans are still made and parented within each service");
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
+    Ok(true)
 }
 
 /// The kernel's form of the head sampler: (root 0 never | 1 always | 2 ratio, parent-based, T).
@@ -170,15 +182,9 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     probes.set_sampler(kernel_sampler(sampler.kernel_params()))?;
     selector.sync(&mut probes)?;
     let mut ids = selector.cgroups().clone();
-    let propagate = propagation_from_env()?;
+    let mut propagate = args.context_propagation == ContextPropagation::Headers;
     if propagate {
-        // The outermost selected cgroups: a program attached there also runs below them.
-        let dirs: std::collections::HashSet<&std::path::PathBuf> = ids.values().collect();
-        for dir in &dirs {
-            if !dir.ancestors().skip(1).any(|a| dirs.contains(&a.to_path_buf())) {
-                probes.attach_propagation(dir)?;
-            }
-        }
+        propagate = attach_propagation(&mut probes, &ids)?;
     }
     let mut resources = ProcResources::new().with_context(pods, args.resource_attributes.clone());
     resources.set_cgroups(ids.clone());
@@ -231,6 +237,9 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                 if selector.on_tree_change() {
                     ids = selector.cgroups().clone();
                     resources.set_cgroups(ids.clone());
+                    if propagate {
+                        propagate = attach_propagation(&mut probes, &ids)?;
+                    }
                 }
                 selector.sync(&mut probes)?;
             }
@@ -238,6 +247,9 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                 if selector.tick() {
                     ids = selector.cgroups().clone();
                     resources.set_cgroups(ids.clone());
+                    if propagate {
+                        propagate = attach_propagation(&mut probes, &ids)?;
+                    }
                 }
                 selector.sync(&mut probes)?;
                 correlator.expire(monotonic_ns(), &mut resources, &mut spans);
@@ -246,11 +258,6 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                     if let Some(span) = sampler.apply(span) {
                         exporter.send(span);
                     }
-                }
-                collectors.set_program_stats(probes.program_stats());
-                if prometheus_task.is_some() {
-                    collectors.set_active_requests(&correlator.active_server_requests());
-                    prometheus.update(collectors.snapshot(&ids, &mut resources, exporter.queue_len()));
                 }
                 if let Ok(k) = probes.kernel_counters() {
                     for (slot, value) in counters.kernel.iter().zip(k) {
@@ -262,6 +269,11 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                         tracing::warn!(lost_since_last_report = lost - reported_lost, total = lost, "the ring buffer was full: events were lost");
                         reported_lost = lost;
                     }
+                }
+                collectors.set_program_stats(probes.program_stats());
+                if prometheus_task.is_some() {
+                    collectors.set_active_requests(&correlator.active_server_requests());
+                    prometheus.update(collectors.snapshot(&ids, &mut resources, exporter.queue_len()));
                 }
                 if last_prune.elapsed() > Duration::from_secs(10) {
                     resources.prune();

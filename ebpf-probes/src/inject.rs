@@ -10,9 +10,9 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_msg_pull_data, generated},
-    macros::{map, sk_msg, sock_ops},
+    macros::{map, sk_msg, sock_ops, stream_verdict},
     maps::SockHash,
-    programs::{SkMsgContext, SockOpsContext},
+    programs::{SkBuffContext, SkMsgContext, SockOpsContext},
 };
 use tapwire_common::{Counter, DIR_EGRESS, INJECT_DONE, MAX_PAYLOAD, TraceCtx};
 
@@ -50,6 +50,20 @@ pub fn client_sockets(ctx: SockOpsContext) -> u32 {
         }
     }
     1
+}
+
+/// Verdict on what the client sockets receive: always pass it to the socket itself.
+///
+/// It changes nothing in the data and is there for its side effect. On kernels with the
+/// sockmap FIONREAD change (Linux commit 929e30f93125, in 6.6.128+, 6.12.75+, 6.18.14+ and
+/// 6.19+), a socket that is in a sockhash without a verdict program answers `ioctl(FIONREAD)`
+/// with 0 whatever it holds, and its readiness wakeups can be lost: nginx proxying to an
+/// upstream stops reading a response, epoll-driven clients stall. With a verdict program the
+/// kernel moves received data to the socket's psock queue, which FIONREAD, poll and recvmsg all
+/// see. The agent checks this on a loopback socket of its own before it attaches sock_ops.
+#[stream_verdict]
+pub fn client_receive(_ctx: SkBuffContext) -> u32 {
+    SK_PASS
 }
 
 /// sk_msg on the client sockets: insert `traceparent` into a request head that lacks one.

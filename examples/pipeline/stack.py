@@ -189,11 +189,10 @@ class Stack:
         over OTLP/HTTP and serving Prometheus metrics on a free loopback port."""
         self.receiver = OtlpReceiver().start()
         self.prometheus_port = procs.free_port()
-        # Context propagation (a `traceparent` inserted into the services' outbound requests) is
-        # off by default; with it on, one request's spans form one trace across the services.
+        # Context propagation (on by default) inserts a `traceparent` into the services' outbound
+        # requests, so that one request's spans form one trace across the services.
         env = procs.base_env({**self.receiver.exporter_env("http/protobuf"),
-                              "OTEL_METRICS_EXPORTER": "prometheus",
-                              "TAPWIRE_CONTEXT_PROPAGATION": "headers"})
+                              "OTEL_METRICS_EXPORTER": "prometheus"})
         pipeline = self.root_cgroup / "pipeline"
         self.agent = procs.TapwireProcess(
             self.tapwire_bin, [str(pipeline)], env, self.log_dir, label="tapwire",

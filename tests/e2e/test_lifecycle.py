@@ -30,6 +30,8 @@ HOOKS = [
     "sys_enter_sendfile64", "sys_exit_sendfile64", "sys_enter_close",
     "sock_send_length", "sock_recv_length", "inet_sock_set_state",
     "tcp_retransmit_skb", "tcp_send_reset", "tcp_receive_reset",
+    # Context propagation (on by default): sock_ops on the cgroup, sk_msg and sk_skb on its sockhash.
+    "client_sockets", "inject_traceparent", "client_receive",
 ]
 
 

@@ -5,6 +5,7 @@ pub mod check;
 pub mod event;
 pub mod probes;
 pub mod ring;
+pub mod sockcheck;
 pub mod tracefs;
 
 pub use probes::{CaptureConfig, CaptureError, HOOKS, Probes};

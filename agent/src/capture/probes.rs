@@ -1,11 +1,11 @@
 //! The embedded eBPF object: load, attach every hook, keep the cgroup selection map in sync.
 
-use std::{collections::HashSet, path::{Path, PathBuf}};
+use std::{collections::HashSet, os::fd::AsRawFd, path::{Path, PathBuf}};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, SockHash},
-    programs::{CgroupAttachMode, SkMsg, SockOps, TracePoint},
+    programs::{CgroupAttachMode, SkMsg, SkSkb, SockOps, TracePoint},
 };
 use tapwire_common::{COUNTER_SLOTS, MAX_PAYLOAD, SamplerParams, names};
 
@@ -47,6 +47,7 @@ pub const HOOKS: &[(&str, &str, &str, &str)] = &[
 pub const PROPAGATION_HOOKS: &[(&str, &str)] = &[
     ("client_sockets", "sock_ops on the watched cgroups: adds their client TCP sockets to a sockhash"),
     ("inject_traceparent", "sk_msg on that sockhash: inserts traceparent into outbound HTTP/1 requests"),
+    ("client_receive", "sk_skb verdict on that sockhash: passes received data unchanged (keeps FIONREAD and readiness right)"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,8 @@ pub enum CaptureError {
     AttachCgroup { name: &'static str, path: PathBuf, #[source] source: aya::programs::ProgramError },
     #[error("could not open cgroup {} to attach {name}", path.display())]
     OpenCgroup { name: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    #[error("context propagation is off: {0}")]
+    PropagationUnsafe(String),
     #[error("map operation on {map} failed")]
     Map { map: &'static str, #[source] source: aya::maps::MapError },
 }
@@ -184,8 +187,44 @@ impl Probes {
             .map_err(|source| CaptureError::ProgramLoad { name: msg_name, source })?;
         msg.load().map_err(|source| CaptureError::ProgramLoad { name: msg_name, source })?;
         msg.attach(&map_fd).map_err(|source| CaptureError::Attach { category: "sk_msg", name: msg_name, source })?;
+        let verdict_name = PROPAGATION_HOOKS[2].0;
+        let verdict: &mut SkSkb = self
+            .ebpf
+            .program_mut(verdict_name)
+            .ok_or(CaptureError::MissingProgram(verdict_name))?
+            .try_into()
+            .map_err(|source| CaptureError::ProgramLoad { name: verdict_name, source })?;
+        verdict.load().map_err(|source| CaptureError::ProgramLoad { name: verdict_name, source })?;
+        verdict
+            .attach(&map_fd)
+            .map_err(|source| CaptureError::Attach { category: "sk_skb", name: verdict_name, source })?;
+        if let Err(reason) = self.check_sockhash() {
+            // Nothing watched is in the sockhash yet; take the message programs off it again.
+            if let Some(Ok(msg)) = self.ebpf.program_mut(msg_name).map(<&mut SkMsg>::try_from) {
+                let _ = msg.unload();
+            }
+            if let Some(Ok(verdict)) = self.ebpf.program_mut(verdict_name).map(<&mut SkSkb>::try_from) {
+                let _ = verdict.unload();
+            }
+            return Err(CaptureError::PropagationUnsafe(reason));
+        }
         self.propagation_loaded = true;
         Ok(())
+    }
+
+    /// Runs [`sockcheck::check`] with the propagation sockhash.
+    fn check_sockhash(&mut self) -> Result<(), String> {
+        let map = self.ebpf.map_mut(names::CLIENT_SOCKS).ok_or("the sockhash is missing")?;
+        let mut socks: SockHash<&mut MapData, u64> = SockHash::try_from(map).map_err(|e| e.to_string())?;
+        let socks = std::cell::RefCell::new(&mut socks);
+        super::sockcheck::check(
+            |stream, cookie| {
+                socks.borrow_mut().insert(cookie, stream.as_raw_fd(), 0).map_err(|e| format!("adding a socket to the sockhash: {e}"))
+            },
+            |cookie| {
+                let _ = socks.borrow_mut().remove(&cookie);
+            },
+        )
     }
 
     /// Attaches the sock_ops program to a cgroup directory (and so to every cgroup below it),

@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use super::file::{check_payload_bytes, parse_exporter, parse_route};
+use super::file::{ContextPropagation, check_payload_bytes, parse_context_propagation, parse_exporter, parse_route};
 use crate::{
     correlate::route::Pattern,
     discover::select::{CgroupPattern, ExeGlob, LabelSelector},
@@ -68,6 +68,11 @@ pub struct RunArgs {
     /// [env: TAPWIRE_PAYLOAD_BYTES]
     #[arg(long, value_name = "N", value_parser = payload_bytes)]
     pub payload_bytes: Option<u32>,
+    /// `headers` (default): insert a W3C `traceparent` into outbound plaintext HTTP/1 requests
+    /// of watched processes that carry none, so the next service joins the trace; `off`: change
+    /// no byte. [env: TAPWIRE_CONTEXT_PROPAGATION]
+    #[arg(long, value_name = "MODE", value_parser = parse_context_propagation)]
+    pub context_propagation: Option<ContextPropagation>,
     /// Where spans go: auto (OTLP when an OTEL_EXPORTER_OTLP_*ENDPOINT is set, else console),
     /// console, otlp, none. [env: TAPWIRE_EXPORTER]
     #[arg(long, value_name = "EXPORTER", value_parser = parse_exporter)]

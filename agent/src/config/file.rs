@@ -81,6 +81,8 @@ pub struct SelectionFile {
 pub struct CaptureFile {
     /// Payload bytes copied per syscall, 64..4096 (default 1024).
     pub payload_bytes: Option<PayloadBytes>,
+    /// `headers` (default) or `off`: whether outbound HTTP/1 requests get a `traceparent`.
+    pub context_propagation: Option<ContextPropagationFile>,
 }
 
 /// HTTP settings.
@@ -246,6 +248,34 @@ pub fn check_payload_bytes(n: u32) -> Result<u32, String> {
 pub fn parse_exporter(s: &str) -> Result<ExporterChoice, String> {
     <ExporterChoice as clap::ValueEnum>::from_str(s.trim(), true)
         .map_err(|_| format!("{s:?}: unknown exporter, expected `auto`, `console`, `otlp` or `none`"))
+}
+
+/// Whether tapwire inserts `traceparent` into outbound plaintext HTTP/1 requests that carry
+/// none (sock_ops, sk_msg and sk_skb programs on the watched cgroups' client sockets).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ContextPropagation {
+    /// Insert `traceparent: 00-<trace id>-<client span id>-<flags>` after the request line.
+    #[default]
+    Headers,
+    /// Change no byte and attach none of the propagation programs.
+    Off,
+}
+
+pub fn parse_context_propagation(s: &str) -> Result<ContextPropagation, String> {
+    <ContextPropagation as clap::ValueEnum>::from_str(s.trim(), true)
+        .map_err(|_| format!("{s:?}: unknown context propagation, expected `headers` or `off`"))
+}
+
+/// A context propagation mode checked while the file is read.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct ContextPropagationFile(pub ContextPropagation);
+
+impl TryFrom<String> for ContextPropagationFile {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        parse_context_propagation(&s).map(ContextPropagationFile).map_err(|e| format!("context_propagation: {e}"))
+    }
 }
 
 /// A route template (`/users/{id}`).

@@ -89,6 +89,7 @@ pub struct Origin {
 pub struct Settings {
     pub selection: SelectionConfig,
     pub payload_bytes: u32,
+    pub context_propagation: file::ContextPropagation,
     pub exporter: ExporterChoice,
     pub routes: Vec<Pattern>,
     pub prometheus_listen: Option<SocketAddr>,
@@ -225,6 +226,15 @@ pub fn resolve(args: &RunArgs, env: Env<'_>) -> Result<Settings, ConfigError> {
         tapwire_common::DEFAULT_PAYLOAD_CAP,
         |n| n.to_string(),
     )?;
+    let context_propagation = r.scalar(
+        "capture.context_propagation",
+        ("--context-propagation", args.context_propagation),
+        Some("TAPWIRE_CONTEXT_PROPAGATION"),
+        file::parse_context_propagation,
+        file.capture.context_propagation.map(|p| p.0),
+        file::ContextPropagation::Headers,
+        |p| format!("{p:?}").to_ascii_lowercase(),
+    )?;
     let file_routes: Option<Vec<Pattern>> = file.http.routes.as_ref().map(|v| v.iter().map(|r| r.0.clone()).collect());
     let routes = r.list("http.routes", "--route", &args.routes, "TAPWIRE_ROUTES", ',', file::parse_route, file_routes.as_ref())?;
     let exporter = r.scalar(
@@ -279,6 +289,7 @@ pub fn resolve(args: &RunArgs, env: Env<'_>) -> Result<Settings, ConfigError> {
     let settings = Settings {
         selection,
         payload_bytes,
+        context_propagation,
         exporter,
         routes,
         prometheus_listen,

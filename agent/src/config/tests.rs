@@ -51,6 +51,7 @@ selection:
   exclude_otlp_exporters: false
 capture:
   payload_bytes: 2048
+  context_propagation: 'off'
 http:
   routes: ['/users/{id}']
 export:
@@ -78,6 +79,7 @@ log: debug
 fn defaults_when_only_a_cgroup_is_given() {
     let s = resolve_with(&["--cgroup", "svc"], &env_of(&[])).unwrap();
     assert_eq!(s.payload_bytes, tapwire_common::DEFAULT_PAYLOAD_CAP);
+    assert_eq!(s.context_propagation, file::ContextPropagation::Headers);
     assert_eq!(s.exporter, ExporterChoice::Auto);
     assert!(s.selection.exclude_otlp_exporters);
     assert_eq!(s.prometheus_listen, None);
@@ -95,6 +97,8 @@ fn file_values_apply() {
     assert_eq!(s.selection.ports, vec![8080, 9090]);
     assert!(!s.selection.exclude_otlp_exporters);
     assert_eq!(s.payload_bytes, 2048);
+    assert_eq!(s.context_propagation, file::ContextPropagation::Off);
+    assert_eq!(source_of(&s, "capture.context_propagation"), &Source::File(f.0.clone()));
     assert_eq!(s.routes.len(), 1);
     assert_eq!(s.exporter, ExporterChoice::Otlp);
     assert_eq!(s.prometheus_listen, Some("127.0.0.1:9464".parse().unwrap()));
@@ -177,6 +181,7 @@ fn unknown_keys_name_the_key_and_line() {
 fn bad_values_name_the_key() {
     let cases = [
         ("capture:\n  payload_bytes: 9000\n", "capture: payload_bytes", "out of range"),
+        ("capture:\n  context_propagation: header\n", "capture: context_propagation", "expected `headers` or `off`"),
         ("selection:\n  ports: [80, 70000]\n", "selection.ports", "line 2"),
         ("export:\n  exporter: jaeger\n", "export: exporter", "unknown exporter"),
         ("selection:\n  pod_selectors: ['app in (a']\n", "selection.pod_selectors", "unbalanced"),
@@ -260,4 +265,16 @@ fn the_example_file_in_deploy_parses() {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
     let body: String = text.lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect();
     assert!(readme.contains(&body), "README's example and deploy/tapwire.example.yaml differ");
+}
+
+#[test]
+fn context_propagation_from_env_and_flag() {
+    let s = resolve_with(&["--cgroup", "svc"], &env_of(&[("TAPWIRE_CONTEXT_PROPAGATION", "off")])).unwrap();
+    assert_eq!(s.context_propagation, file::ContextPropagation::Off);
+    let s = resolve_with(&["--cgroup", "svc", "--context-propagation", "headers"], &env_of(&[("TAPWIRE_CONTEXT_PROPAGATION", "off")]))
+        .unwrap();
+    assert_eq!(s.context_propagation, file::ContextPropagation::Headers);
+    assert_eq!(source_of(&s, "capture.context_propagation"), &Source::Flag("--context-propagation".into()));
+    let e = resolve_with(&["--cgroup", "svc"], &env_of(&[("TAPWIRE_CONTEXT_PROPAGATION", "on")])).unwrap_err().to_string();
+    assert!(e.contains("TAPWIRE_CONTEXT_PROPAGATION") && e.contains("expected `headers` or `off`"), "{e}");
 }

@@ -178,10 +178,9 @@ def spans_by_request(spans: list[dict], sent: list[dict]) -> tuple[dict, list[di
     return matched, stray
 
 
-# Header injection (TAPWIRE_CONTEXT_PROPAGATION=headers) is off by default until the nginx
-# upstream hang is understood. TODO(issue #8): add "headers" here once the default turns on, so
-# that killing tapwire is shown not to break connections that carry injected headers.
-@pytest.mark.parametrize("propagation", ["off"])
+# With header injection (the default) the client's sockets are in tapwire's sockhash when it is
+# killed: their connections must survive the sockhash going away.
+@pytest.mark.parametrize("propagation", ["off", "headers"])
 def test_kill_9_under_load_and_restart(tapwire_bin, cgroup, fastapi_service, otlp_receiver,
                                        tmp_path, attach_log, propagation):
     """kill -9 of tapwire while a watched client sends 600 requests over 4 kept-alive

@@ -254,6 +254,28 @@ def test_chain_one_trace_per_request(chain, tapwire, otlp_receiver):
                 assert s["parent_span_id"] == "00f067aa0ba902b7"
 
 
+def test_chain_application_traceparent_names_the_client_span(chain, tapwire, otlp_receiver):
+    """search (threaded) sends its own traceparent for rids starting with "own": the incoming
+    trace id and a span id it made, as an application with its own tracing would. Its CLIENT
+    span takes that span id (so store's SERVER span, whose parent the header names, nests under
+    it) and stays the child of search's SERVER span: every trace is still complete."""
+    chain, cgroups = chain
+    agent = tapwire(cgroups, env=otlp_receiver.exporter_env("grpc"))
+    rids = [f"own{i}" for i in range(20)]
+    drive(chain, rids, 1)
+    spans = chain_spans(otlp_receiver, len(rids) * SPANS_PER_REQUEST, agent)
+    v = judge(spans, rids)
+    assert v.wrong_links == [], v.wrong_links
+    assert v.complete == set(rids), f"incomplete: {sorted(set(rids) - v.complete)}"
+    received = chain.received()
+    for rid in rids:
+        sent = received[("store", rid)]  # the header search's application made
+        client = [s for s in spans if rid_of(s) == rid and s["service_name"] == "search"
+                  and s["kind_name"] == "CLIENT"]
+        assert [c["span_id"] for c in client] == [sent[36:52]], (rid, sent, client)
+        assert received[("search", rid)][36:52] != sent[36:52]  # a new id, not the incoming one
+
+
 def test_chain_propagation_off_injects_nothing(chain, tapwire, otlp_receiver):
     chain, cgroups = chain
     agent = tapwire(cgroups, env={**otlp_receiver.exporter_env("grpc"), "TAPWIRE_CONTEXT_PROPAGATION": "off"})

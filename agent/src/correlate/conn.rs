@@ -217,6 +217,11 @@ impl HttpConn {
                     Some((ts, t)) if ts == start_ts => Some(t),
                     _ => None,
                 };
+                if let Some(k) = &kernel_trace
+                    && k.side == Role::Server
+                {
+                    ctx.server_request_started(k);
+                }
                 self.current_request = self.exchanges.push(Box::new(request), start_ts, kernel_trace);
                 if self.current_request.is_none() {
                     ctx.request_dropped(self.exchanges.len());

@@ -17,7 +17,7 @@ mod span;
 mod table;
 mod trace;
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use rand::{SeedableRng, rngs::SmallRng};
 
@@ -30,7 +30,7 @@ use self::{
 };
 pub use self::span::REDACTED;
 use crate::{
-    capture::event::{DataEvent, Event},
+    capture::event::{DataEvent, Event, KernelTrace, Role},
     clock::Clock,
     discover::ResourceLookup,
     model::{Resource, Span},
@@ -126,7 +126,15 @@ pub(crate) struct Ctx {
     log_evict: RateLimit,
     log_traceparent: RateLimit,
     routes: route::RouteTable,
+    /// Server requests in flight whose ids the kernel drew: span id -> that span's parent.
+    /// Tells a CLIENT request's own `traceparent` passed on from one the application made
+    /// (see [`trace::kernel_span_ids`]). Bounded: when full it is emptied, and CLIENT spans
+    /// fall back to the rule that needs no knowledge of the server request.
+    server_parents: HashMap<[u8; 8], Option<[u8; 8]>>,
 }
+
+/// Bound of [`Ctx::server_parents`]: far above the requests one node serves at once.
+const MAX_SERVER_PARENTS: usize = 65_536;
 
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -147,6 +155,14 @@ impl Ctx {
         }
     }
 
+    /// A server request whose ids the kernel drew has been read (see `server_parents`).
+    fn server_request_started(&mut self, k: &KernelTrace) {
+        if self.server_parents.len() >= MAX_SERVER_PARENTS {
+            self.server_parents.clear();
+        }
+        self.server_parents.insert(k.span_id, k.parent_span_id);
+    }
+
     fn request_dropped(&mut self, queued: usize) {
         self.stats.requests_dropped += 1;
         if let Some(suppressed) = self.log_drop.check() {
@@ -160,7 +176,15 @@ impl Ctx {
         let (ids, invalid) = match ex.kernel_trace {
             Some(k) => {
                 self.counters.count_parent(k.source);
-                trace::kernel_span_ids(&k, headers.traceparent.as_deref(), headers.tracestate.as_deref())
+                let server_parent = match k.side {
+                    Role::Server => {
+                        self.server_parents.remove(&k.span_id);
+                        None
+                    }
+                    Role::Client => k.parent_span_id.and_then(|p| self.server_parents.get(&p).copied()),
+                    Role::Unknown => None,
+                };
+                trace::kernel_span_ids(&k, headers.traceparent.as_deref(), headers.tracestate.as_deref(), server_parent)
             }
             None => trace::span_ids(headers.traceparent.as_deref(), headers.tracestate.as_deref(), &mut self.rng),
         };
@@ -213,6 +237,7 @@ impl Correlator {
                 log_evict: RateLimit::new(LOG_EVERY),
                 log_traceparent: RateLimit::new(LOG_EVERY),
                 routes,
+                server_parents: HashMap::new(),
             },
         }
     }

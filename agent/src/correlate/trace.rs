@@ -47,20 +47,58 @@ pub(crate) fn parse_traceparent(value: &str) -> Option<TraceParent> {
 
 /// Ids of a span whose context the kernel decided (see ebpf-probes/src/context.rs): the kernel
 /// drew them before the request went on, so they are the ones any injected `traceparent`
-/// carries. A CLIENT request that carries the application's own `traceparent` joins that
-/// header's trace as a child of the span it names (the span the application propagates).
-/// Returns the ids and whether a `traceparent` was present but invalid.
-pub(crate) fn kernel_span_ids(k: &KernelTrace, traceparent: Option<&str>, tracestate: Option<&str>) -> (SpanIds, bool) {
+/// carries. Returns the ids and whether a `traceparent` was present but invalid.
+///
+/// A CLIENT request that carries the application's own `traceparent` was not injected; what
+/// its span becomes depends on where that header came from. `server_parent` is what tapwire
+/// knows of the server request the kernel found in flight on the sending thread or process:
+/// `Some(parent)` with that request's own parent (`None` when it started the trace), `None`
+/// when no such request is known.
+/// - The application made a new span id in the trace of the request it serves (it has its own
+///   tracing): the CLIENT span takes that id, so the downstream SERVER span, whose parent is
+///   that id, nests under it; its parent is the server span in flight.
+/// - The application passed on the header it received, unchanged: the CLIENT span keeps the
+///   kernel's ids, under the server span in flight (the downstream SERVER span names the
+///   caller's caller as parent, as the header says).
+/// - Otherwise (no request in flight, or one of another trace): the CLIENT span joins the
+///   header's trace as a child of the span it names, with the kernel's span id.
+pub(crate) fn kernel_span_ids(
+    k: &KernelTrace,
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+    server_parent: Option<Option<[u8; 8]>>,
+) -> (SpanIds, bool) {
     let state = || tracestate.unwrap_or_default().trim().to_owned();
     let parsed = traceparent.map(parse_traceparent);
     let invalid = matches!(parsed, Some(None));
     if k.side == Role::Client
         && let Some(Some(tp)) = parsed
     {
-        return (
-            SpanIds { trace_id: tp.trace_id, span_id: k.span_id, parent_span_id: Some(tp.span_id), flags: tp.flags, trace_state: state() },
-            false,
-        );
+        let in_flight = k.parent_span_id.filter(|_| server_parent.is_some() && k.trace_id == tp.trace_id);
+        let ids = match in_flight {
+            Some(server) if server_parent != Some(Some(tp.span_id)) => SpanIds {
+                trace_id: tp.trace_id,
+                span_id: tp.span_id,
+                parent_span_id: Some(server),
+                flags: tp.flags,
+                trace_state: state(),
+            },
+            Some(server) => SpanIds {
+                trace_id: k.trace_id,
+                span_id: k.span_id,
+                parent_span_id: Some(server),
+                flags: k.flags,
+                trace_state: state(),
+            },
+            None => SpanIds {
+                trace_id: tp.trace_id,
+                span_id: k.span_id,
+                parent_span_id: Some(tp.span_id),
+                flags: tp.flags,
+                trace_state: state(),
+            },
+        };
+        return (ids, false);
     }
     let trace_state = if k.source == ParentSource::Header { state() } else { String::new() };
     (
@@ -152,23 +190,33 @@ mod tests {
 
     #[test]
     fn kernel_ids_are_taken_as_they_are() {
-        let (ids, invalid) = kernel_span_ids(&kernel(Role::Client, ParentSource::Thread), None, None);
+        let (ids, invalid) = kernel_span_ids(&kernel(Role::Client, ParentSource::Thread), None, None, None);
         assert!(!invalid);
         assert_eq!((ids.trace_id, ids.span_id, ids.parent_span_id, ids.flags), ([0x11; 16], [0x22; 8], Some([0x33; 8]), 1));
         // SERVER span with an incoming header: its tracestate is kept.
-        let (ids, _) = kernel_span_ids(&kernel(Role::Server, ParentSource::Header), Some(VALID), Some("congo=t61"));
+        let (ids, _) = kernel_span_ids(&kernel(Role::Server, ParentSource::Header), Some(VALID), Some("congo=t61"), None);
         assert_eq!((ids.span_id, ids.trace_state.as_str()), ([0x22; 8], "congo=t61"));
     }
 
     #[test]
-    fn application_traceparent_wins_on_client_spans() {
-        // The application sent its own traceparent: the client span joins its trace under the
-        // span it names, whatever the kernel decided.
-        for source in [ParentSource::AppHeader, ParentSource::None, ParentSource::Thread] {
-            let (ids, _) = kernel_span_ids(&kernel(Role::Client, source), Some(VALID), None);
-            assert_eq!(hex::encode(ids.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
-            assert_eq!(ids.parent_span_id.map(hex::encode).as_deref(), Some("00f067aa0ba902b7"));
-            assert_eq!(ids.span_id, [0x22; 8]);
+    fn application_traceparent_on_client_spans() {
+        let tp = parse_traceparent(VALID).unwrap();
+        let mut k = kernel(Role::Client, ParentSource::AppHeader);
+        k.trace_id = tp.trace_id; // the server request in flight is in the header's trace
+        let server = k.parent_span_id.unwrap();
+        // A new span id made by the application: the client span is that span.
+        for incoming in [None, Some([0x44; 8])] {
+            let (ids, _) = kernel_span_ids(&k, Some(VALID), None, Some(incoming));
+            assert_eq!((ids.trace_id, ids.span_id, ids.parent_span_id), (tp.trace_id, tp.span_id, Some(server)));
+        }
+        // The header the server request came with, passed on: the kernel's own span id.
+        let (ids, _) = kernel_span_ids(&k, Some(VALID), None, Some(Some(tp.span_id)));
+        assert_eq!((ids.trace_id, ids.span_id, ids.parent_span_id), (tp.trace_id, k.span_id, Some(server)));
+        // Nothing known in flight, or a request of another trace: a child of the header's span.
+        let other_trace = kernel(Role::Client, ParentSource::AppHeader);
+        for (k, known) in [(&k, None), (&other_trace, Some(None))] {
+            let (ids, _) = kernel_span_ids(k, Some(VALID), None, known);
+            assert_eq!((ids.trace_id, ids.span_id, ids.parent_span_id), (tp.trace_id, k.span_id, Some(tp.span_id)));
         }
     }
 

@@ -26,6 +26,7 @@ import requests
 
 import cgroupfs
 import procs
+from test_sampling import ratio_keeps
 
 SERVICES = [  # name, kind, next hop index or None
     ("gw", "threaded"),
@@ -274,6 +275,34 @@ def test_chain_application_traceparent_names_the_client_span(chain, tapwire, otl
                   and s["kind_name"] == "CLIENT"]
         assert [c["span_id"] for c in client] == [sent[36:52]], (rid, sent, client)
         assert received[("search", rid)][36:52] != sent[36:52]  # a new id, not the incoming one
+
+
+def test_injected_header_carries_the_sampling_decision(chain, tapwire, otlp_receiver):
+    """traceidratio 0.5: the sampled flag of every traceparent tapwire injects is the ratio
+    rule's decision for its trace id, the same on every hop, and the traces marked sampled are
+    exactly the ones exported (downstream services and SDKs agree with tapwire)."""
+    chain, cgroups = chain
+    agent = tapwire(cgroups, env={**otlp_receiver.exporter_env("grpc"), "OTEL_TRACES_SAMPLER": "traceidratio",
+                                  "OTEL_TRACES_SAMPLER_ARG": "0.5", "TAPWIRE_KEEP_ERRORS": "false"})
+    rids = [f"r{i}" for i in range(40)]
+    drive(chain, rids, 1)
+    received = chain.received()
+    kept = set()
+    for rid in rids:
+        hops = [received[(name, rid)] for name, _ in SERVICES[1:]]
+        trace = hops[0][3:35]
+        assert all(h is not None and h[3:35] == trace for h in hops), (rid, hops)
+        flag = "01" if ratio_keeps(trace, 0.5) else "00"
+        assert [h[53:55] for h in hops] == [flag] * len(hops), (rid, hops)
+        if flag == "01":
+            kept.add(trace)
+    print(f"\ntraceidratio 0.5: {len(kept)} of {len(rids)} injected headers marked sampled")
+    assert 0 < len(kept) < len(rids)  # both decisions seen (fails with probability 2^-39)
+    spans = chain_spans(otlp_receiver, len(kept) * SPANS_PER_REQUEST, agent)
+    time.sleep(2)  # anything else exported would arrive by now
+    spans = [s for s in otlp_receiver.spans() if rid_of(s) in set(rids)]
+    assert len(spans) == len(kept) * SPANS_PER_REQUEST
+    assert {s["trace_id"] for s in spans} == kept
 
 
 def test_chain_propagation_off_injects_nothing(chain, tapwire, otlp_receiver):

@@ -77,22 +77,24 @@ impl Worker {
         let mut flush_at: Option<Instant> = None;
         loop {
             let timer = flush_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let room = max_batch - batch.len();
             tokio::select! {
                 biased;
                 () = stop.requested(), if stop.pending() => break,
-                span = rx.recv() => match span {
-                    Some(span) => {
-                        if batch.is_empty() {
-                            flush_at = Some(Instant::now() + self.batch.scheduled_delay);
-                        }
-                        batch.push(span);
-                        if batch.len() >= max_batch {
-                            flush_at = None;
-                            self.export(&batch, &mut stop).await;
-                            batch.clear();
-                        }
+                // Everything queued at once (up to a full batch): one pass of this loop per
+                // burst of spans from the event loop, not per span.
+                received = rx.recv_many(&mut batch, room) => {
+                    if received == 0 {
+                        break; // every sender is gone
                     }
-                    None => break,
+                    if flush_at.is_none() {
+                        flush_at = Some(Instant::now() + self.batch.scheduled_delay);
+                    }
+                    if batch.len() >= max_batch {
+                        flush_at = None;
+                        self.export(&batch, &mut stop).await;
+                        batch.clear();
+                    }
                 },
                 () = sleep_until(timer), if flush_at.is_some() => {
                     flush_at = None;

@@ -130,7 +130,7 @@ impl OtlpMetricsExporter {
                     })
                     .await
             }
-            Transport::Http(http) => match http.encode(&request) {
+            Transport::Http(http) => match http.encode(request.encode_to_vec().into()) {
                 Ok(body) => {
                     policy
                         .run(deadline, || async {

@@ -3,11 +3,12 @@
 
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTracePartialSuccess, ExportTraceServiceRequest, trace_service_client::TraceServiceClient,
-};
+use bytes::{Buf as _, BufMut as _, Bytes};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess, ExportTraceServiceResponse};
 use tonic::{
-    codec::CompressionEncoding,
+    Status,
+    client::Grpc,
+    codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder},
     metadata::{MetadataKey, MetadataMap, MetadataValue},
     transport::{Channel, ClientTlsConfig, Endpoint},
 };
@@ -18,9 +19,12 @@ use crate::export::{
     config::{Compression, OtlpConfig},
 };
 
+/// The method every trace export calls.
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
 /// A gRPC client bound to one collector. Connects on first use and reconnects by itself.
 pub struct GrpcTransport {
-    client: TraceServiceClient<Channel>,
+    client: Grpc<Channel>,
     metadata: MetadataMap,
     timeout: Duration,
 }
@@ -28,7 +32,7 @@ pub struct GrpcTransport {
 impl GrpcTransport {
     /// Builds the client; never blocks (the connection is made lazily).
     pub fn new(cfg: &OtlpConfig) -> Result<GrpcTransport, ExportError> {
-        let mut client = TraceServiceClient::new(channel(cfg)?);
+        let mut client = Grpc::new(channel(cfg)?);
         if cfg.compression == Compression::Gzip {
             client = client
                 .send_compressed(CompressionEncoding::Gzip)
@@ -41,13 +45,65 @@ impl GrpcTransport {
         })
     }
 
-    /// One attempt; `Ok` carries the partial-success part of the response, if any.
-    pub async fn send(&self, request: ExportTraceServiceRequest) -> Result<Option<ExportTracePartialSuccess>, Failure> {
-        let request = request_with(request, &self.metadata, self.timeout);
+    /// One attempt with an encoded `ExportTraceServiceRequest` (see `wire`); `Ok` carries the
+    /// partial-success part of the response, if any.
+    pub async fn send(&self, request: Bytes) -> Result<Option<ExportTracePartialSuccess>, Failure> {
+        let mut request = request_with(request, &self.metadata, self.timeout);
+        request
+            .extensions_mut()
+            .insert(tonic::GrpcMethod::new("opentelemetry.proto.collector.trace.v1.TraceService", "Export"));
         let mut client = self.client.clone(); // cheap: a handle on the shared channel
-        call(self.timeout, client.export(request))
+        let export = async move {
+            client
+                .ready()
+                .await
+                .map_err(|e| Status::unavailable(format!("the channel is not ready: {e}")))?;
+            client.unary(request, http::uri::PathAndQuery::from_static(EXPORT_PATH), EncodedCodec).await
+        };
+        call(self.timeout, export)
             .await
-            .map(|response| response.partial_success)
+            .map(|response: ExportTraceServiceResponse| response.partial_success)
+    }
+}
+
+/// Sends a message encoded beforehand (the same bytes for every attempt) and decodes the
+/// `ExportTraceServiceResponse`.
+#[derive(Clone, Copy, Debug, Default)]
+struct EncodedCodec;
+
+impl Codec for EncodedCodec {
+    type Encode = Bytes;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = EncodedCodec;
+    type Decoder = EncodedCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        EncodedCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        EncodedCodec
+    }
+}
+
+impl Encoder for EncodedCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for EncodedCodec {
+    type Item = ExportTraceServiceResponse;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<ExportTraceServiceResponse>, Status> {
+        let len = src.remaining();
+        prost::Message::decode(src.take(len))
+            .map(Some)
+            .map_err(|e| Status::internal(format!("cannot decode the collector's response: {e}")))
     }
 }
 

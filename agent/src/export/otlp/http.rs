@@ -82,11 +82,10 @@ impl HttpTransport {
         })
     }
 
-    /// The request body, encoded (and compressed) once for all attempts.
-    pub fn encode(&self, request: &impl prost::Message) -> Result<Bytes, Failure> {
-        let raw = request.encode_to_vec();
+    /// The request body from an encoded message, compressed (once for all attempts) if configured.
+    pub fn encode(&self, raw: Bytes) -> Result<Bytes, Failure> {
         if !self.gzip {
-            return Ok(Bytes::from(raw));
+            return Ok(raw);
         }
         let mut gz = GzEncoder::new(Vec::with_capacity(raw.len() / 4), Level::fast());
         gz.write_all(&raw)

@@ -5,6 +5,7 @@ pub mod encode;
 pub(crate) mod grpc;
 pub(crate) mod http;
 pub mod retry;
+pub mod wire;
 
 #[cfg(test)]
 mod tests;
@@ -59,11 +60,13 @@ impl OtlpExporter {
 
     /// Exports one batch, retrying until `deadline`. Returns the outcome and the attempts made.
     pub async fn export(&mut self, spans: &[Span], deadline: Instant) -> (Result<Delivery, Failure>, u32) {
-        let request = encode::encode_request(spans);
+        let mut request = Vec::with_capacity(spans.len() * 768);
+        wire::encode_request(spans, &mut request);
+        let request = bytes::Bytes::from(request);
         let policy = &self.policy;
         let (result, attempts) = match &self.transport {
             Transport::Grpc(grpc) => policy.run(deadline, || grpc.send(request.clone())).await,
-            Transport::Http(http) => match http.encode(&request) {
+            Transport::Http(http) => match http.encode(request) {
                 Ok(body) => policy.run(deadline, || http.send(body.clone())).await,
                 Err(failure) => (Err(failure), 0),
             },

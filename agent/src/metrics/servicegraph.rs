@@ -207,6 +207,16 @@ struct SideCount {
     value: u64,
 }
 
+/// The waiting spans of one connection (sequence numbers), client spans then server spans.
+type ConnQueues = [VecDeque<u64>; 2];
+
+fn side(kind: SpanKind) -> usize {
+    match kind {
+        SpanKind::Client => 0,
+        SpanKind::Server => 1,
+    }
+}
+
 /// `(kind, service)`: the label is `client` for client spans, `server` for server spans.
 type SideKey = (bool, String);
 
@@ -217,8 +227,10 @@ pub struct ServiceGraph {
     counters: Arc<Counters>,
     /// Waiting spans by arrival sequence number (so the oldest is first).
     pending: BTreeMap<u64, Half>,
-    /// Waiting spans of each connection, in arrival order.
-    by_conn: HashMap<ConnKey, VecDeque<u64>>,
+    /// Waiting spans of each connection, in arrival order: client spans, server spans. A span
+    /// looks for its other half among the other kind only, so spans whose peer is not watched
+    /// (a whole queue of one kind) cost nothing to the spans after them.
+    by_conn: HashMap<ConnKey, ConnQueues>,
     next_seq: u64,
     /// Arrival times never go backwards (a wall-clock step would break the expiry order).
     last_now: u64,
@@ -266,13 +278,12 @@ impl ServiceGraph {
             self.unpaired(half, now);
             return;
         };
-        if let Some(queue) = self.by_conn.get_mut(&conn) {
-            let found = queue.iter().position(|seq| {
-                self.pending.get(seq).is_some_and(|other| other.kind != half.kind && other.overlaps(&half))
-            });
+        if let Some(queues) = self.by_conn.get_mut(&conn) {
+            let others = &mut queues[1 - side(half.kind)];
+            let found = others.iter().position(|seq| self.pending.get(seq).is_some_and(|other| other.overlaps(&half)));
             if let Some(i) = found {
-                let seq = queue.remove(i).unwrap_or_default();
-                if queue.is_empty() {
+                let seq = others.remove(i).unwrap_or_default();
+                if queues.iter().all(VecDeque::is_empty) {
                     self.by_conn.remove(&conn);
                 }
                 if let Some(other) = self.pending.remove(&seq) {
@@ -290,7 +301,7 @@ impl ServiceGraph {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.by_conn.entry(conn).or_default().push_back(seq);
+        self.by_conn.entry(conn).or_default()[side(half.kind)].push_back(seq);
         self.pending.insert(seq, half);
     }
 
@@ -311,10 +322,16 @@ impl ServiceGraph {
     fn pop_oldest(&mut self) -> Option<(u64, Half)> {
         let (seq, half) = self.pending.pop_first()?;
         if let Some(conn) = half.conn
-            && let Some(queue) = self.by_conn.get_mut(&conn)
+            && let Some(queues) = self.by_conn.get_mut(&conn)
         {
-            queue.retain(|s| *s != seq);
-            if queue.is_empty() {
+            let queue = &mut queues[side(half.kind)];
+            // The oldest span of all is the oldest of its connection too.
+            if queue.front() == Some(&seq) {
+                queue.pop_front();
+            } else {
+                queue.retain(|s| *s != seq);
+            }
+            if queues.iter().all(VecDeque::is_empty) {
                 self.by_conn.remove(&conn);
             }
         }

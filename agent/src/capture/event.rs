@@ -74,6 +74,10 @@ pub enum ParentSource {
 }
 
 impl ParentSource {
+    /// Every source, in declaration order (the agent's counters index by `source as usize`).
+    pub const ALL: [ParentSource; 5] =
+        [ParentSource::None, ParentSource::Header, ParentSource::Thread, ParentSource::Process, ParentSource::AppHeader];
+
     /// Label value for the agent's own metrics.
     pub fn as_str(self) -> &'static str {
         match self {

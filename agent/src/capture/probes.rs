@@ -102,7 +102,6 @@ pub struct ProgramRunStats {
 /// held by this process (nothing is pinned), so even a kill -9 leaves nothing attached.
 pub struct Probes {
     ebpf: Ebpf,
-    selected: HashSet<u64>,
     /// cgroup directories the sock_ops program is attached to.
     propagation_cgroups: HashSet<PathBuf>,
     propagation_loaded: bool,
@@ -125,7 +124,7 @@ impl Probes {
             .override_global(names::PAYLOAD_CAP, &cap, true)
             .load(OBJECT)
             .map_err(CaptureError::Load)?;
-        let mut probes = Probes { ebpf, selected: HashSet::new(), propagation_cgroups: HashSet::new(), propagation_loaded: false };
+        let mut probes = Probes { ebpf, propagation_cgroups: HashSet::new(), propagation_loaded: false };
         probes.set_sampler(SamplerParams::DEFAULT)?;
         Ok(probes)
     }
@@ -250,26 +249,6 @@ impl Probes {
             .map_err(|source| CaptureError::AttachCgroup { name, path: cgroup.to_owned(), source })?;
         self.propagation_cgroups.insert(cgroup.to_owned());
         Ok(())
-    }
-
-    /// Makes the kernel map hold exactly `ids`. Returns how many ids were added and removed.
-    pub fn set_selection(&mut self, ids: &HashSet<u64>) -> Result<(usize, usize), CaptureError> {
-        let map = self.ebpf.map_mut(names::SELECTED_CGROUPS).ok_or(CaptureError::MissingMap(names::SELECTED_CGROUPS))?;
-        let mut map: BpfHashMap<&mut MapData, u64, u32> =
-            BpfHashMap::try_from(map).map_err(|source| CaptureError::Map { map: names::SELECTED_CGROUPS, source })?;
-        let mut added = 0;
-        for id in ids.difference(&self.selected) {
-            map.insert(id, 1, 0).map_err(|source| CaptureError::Map { map: names::SELECTED_CGROUPS, source })?;
-            added += 1;
-        }
-        let mut removed = 0;
-        for id in self.selected.difference(ids) {
-            // A cgroup that is already gone may have been removed by the kernel side; ignore.
-            let _ = map.remove(id);
-            removed += 1;
-        }
-        self.selected = ids.clone();
-        Ok((added, removed))
     }
 
     /// Applies changes to the selection maps: cgroup id -> `CGROUP_ALL`/`CGROUP_LISTED` and

@@ -244,10 +244,10 @@ pub fn agent_metrics(
             "tapwire.agent.context.spans",
             "{span}",
             "Spans whose trace context the kernel decided, by the source of their parent: none (a new trace), header (incoming traceparent), thread or process (the one server request in flight there), application (the request's own traceparent).",
-            ["none", "header", "thread", "process", "application"]
+            crate::capture::event::ParentSource::ALL
                 .iter()
                 .zip(&c.spans_by_parent)
-                .map(|(source, n)| point(attr("tapwire.context.parent", source), get(n)))
+                .map(|(source, n)| point(attr("tapwire.context.parent", source.as_str()), get(n)))
                 .collect(),
         ),
         counter(

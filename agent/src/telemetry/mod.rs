@@ -54,7 +54,7 @@ pub struct Counters {
     /// Pods left without Kubernetes metadata (pod store full, or no uid).
     pub k8s_pods_dropped: AtomicU64,
     /// Spans whose ids the kernel decided, by where their parent came from
-    /// (`ParentSource::as_str` order: none, header, thread, process, application).
+    /// (indexed by `ParentSource as usize`, in `ParentSource::ALL` order).
     pub spans_by_parent: [AtomicU64; 5],
     /// The kernel's trace-context and injection counters (`tapwire_common::Counter` slots),
     /// copied from its counter map.
@@ -64,15 +64,7 @@ pub struct Counters {
 impl Counters {
     /// Counts a span with kernel-decided ids by the source of its parent.
     pub fn count_parent(&self, source: crate::capture::event::ParentSource) {
-        use crate::capture::event::ParentSource as P;
-        let i = match source {
-            P::None => 0,
-            P::Header => 1,
-            P::Thread => 2,
-            P::Process => 3,
-            P::AppHeader => 4,
-        };
-        Self::inc(&self.spans_by_parent[i]);
+        Self::inc(&self.spans_by_parent[source as usize]);
     }
 
     pub fn inc(counter: &AtomicU64) {

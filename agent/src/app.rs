@@ -189,7 +189,12 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     let mut resources = ProcResources::new().with_context(pods, args.resource_attributes.clone());
     resources.set_cgroups(ids.clone());
     let mut reader = RingReader::new(probes.take_ring()?).context("while setting up the ring-buffer reader")?;
-    let correlate_config = CorrelateConfig { route_patterns: args.routes.clone(), ..CorrelateConfig::default() };
+    let correlate_config = CorrelateConfig {
+        route_patterns: args.routes.clone(),
+        idle_timeout: args.idle_timeout,
+        max_connections: args.max_connections,
+        ..CorrelateConfig::default()
+    };
     let mut correlator = Correlator::new(correlate_config, Clock::measure(), counters.clone());
 
     tracing::info!(
@@ -230,6 +235,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
             }
             _ = push.tick(), if metrics_exporter.pushes() => {
                 collectors.set_active_requests(&correlator.active_server_requests());
+                collectors.set_connections(correlator.connections(), correlator.buffered_bytes());
                 metrics_exporter.export(collectors.snapshot(&ids, &mut resources, exporter.queue_len()));
             }
             r = selector.tree_changed() => {
@@ -273,6 +279,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                 collectors.set_program_stats(probes.program_stats());
                 if prometheus_task.is_some() {
                     collectors.set_active_requests(&correlator.active_server_requests());
+                    collectors.set_connections(correlator.connections(), correlator.buffered_bytes());
                     prometheus.update(collectors.snapshot(&ids, &mut resources, exporter.queue_len()));
                 }
                 if last_prune.elapsed() > Duration::from_secs(10) {

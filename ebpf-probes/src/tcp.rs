@@ -5,7 +5,7 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePoi
 use tapwire_common::{DIR_EGRESS, DIR_INGRESS, EventKind};
 
 use crate::{
-    maps::{OWNERS, SCRATCH, Scratch},
+    maps::{OWNERS, SCRATCH, SOCKS, Scratch},
     syscalls::{fill_header, output},
 };
 
@@ -41,4 +41,16 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     emit(&ctx, 8, EventKind::TcpResetReceived, DIR_INGRESS)
+}
+
+/// tcp:tcp_destroy_sock: the kernel frees a TCP socket; its entries go with it, so that closed
+/// connections leave nothing behind in the socket maps (a reset sent on close has been seen by
+/// then: the socket is destroyed after it).
+#[tracepoint]
+pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset from the tracepoint format (skaddr).
+    let sk = unsafe { ctx.read_at::<u64>(8).unwrap_or(0) };
+    let _ = OWNERS.remove(&sk);
+    let _ = SOCKS.remove(&sk);
+    0
 }

@@ -29,7 +29,7 @@ HOOKS = [
     "sys_enter_recvmsg", "sys_exit_recvmsg", "sys_enter_sendmsg", "sys_exit_sendmsg",
     "sys_enter_sendfile64", "sys_exit_sendfile64", "sys_enter_close",
     "sock_send_length", "sock_recv_length", "inet_sock_set_state",
-    "tcp_retransmit_skb", "tcp_send_reset", "tcp_receive_reset",
+    "tcp_retransmit_skb", "tcp_send_reset", "tcp_receive_reset", "tcp_destroy_sock",
     # Context propagation (on by default): sock_ops on the cgroup, sk_msg and sk_skb on its sockhash.
     "client_sockets", "inject_traceparent", "client_receive",
 ]

@@ -40,6 +40,7 @@ pub const HOOKS: &[(&str, &str, &str, &str)] = &[
     ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb", "retransmits per service"),
     ("tcp_send_reset", "tcp", "tcp_send_reset", "resets sent per service"),
     ("tcp_receive_reset", "tcp", "tcp_receive_reset", "resets received per service"),
+    ("tcp_destroy_sock", "tcp", "tcp_destroy_sock", "forget sockets the kernel frees"),
 ];
 
 /// The programs that carry trace context to the next service (`--context-propagation

@@ -4,7 +4,10 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use super::file::{ContextPropagation, check_payload_bytes, parse_context_propagation, parse_exporter, parse_route};
+use super::file::{
+    ContextPropagation, check_payload_bytes, parse_context_propagation, parse_exporter, parse_idle_timeout, parse_max_connections,
+    parse_route,
+};
 use crate::{
     correlate::route::Pattern,
     discover::select::{CgroupPattern, ExeGlob, LabelSelector},
@@ -73,6 +76,15 @@ pub struct RunArgs {
     /// no byte. [env: TAPWIRE_CONTEXT_PROPAGATION]
     #[arg(long, value_name = "MODE", value_parser = parse_context_propagation)]
     pub context_propagation: Option<ContextPropagation>,
+    /// Forget a connection after this long without any read, write or close (default 120s;
+    /// `500ms`, `30s`, `2m`); its unanswered requests end as timed-out spans.
+    /// [env: TAPWIRE_IDLE_TIMEOUT]
+    #[arg(long, value_name = "DURATION", value_parser = parse_idle_timeout)]
+    pub idle_timeout: Option<std::time::Duration>,
+    /// Connections tracked at once (default 65536); past it the least recently used is
+    /// forgotten and counted. [env: TAPWIRE_MAX_CONNECTIONS]
+    #[arg(long, value_name = "N", value_parser = parse_max_connections)]
+    pub max_connections: Option<usize>,
     /// Where spans go: auto (OTLP when an OTEL_EXPORTER_OTLP_*ENDPOINT is set, else console),
     /// console, otlp, none. [env: TAPWIRE_EXPORTER]
     #[arg(long, value_name = "EXPORTER", value_parser = parse_exporter)]

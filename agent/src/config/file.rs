@@ -83,6 +83,10 @@ pub struct CaptureFile {
     pub payload_bytes: Option<PayloadBytes>,
     /// `headers` (default) or `off`: whether outbound HTTP/1 requests get a `traceparent`.
     pub context_propagation: Option<ContextPropagationFile>,
+    /// A connection without any event for this long is forgotten (`120s`; `ms`, `s`, `m`).
+    pub idle_timeout: Option<IdleTimeout>,
+    /// Connections tracked at once; past it the least recently used is forgotten (65536).
+    pub max_connections: Option<MaxConnections>,
 }
 
 /// HTTP settings.
@@ -293,6 +297,52 @@ impl TryFrom<u32> for PayloadBytes {
     type Error = String;
     fn try_from(n: u32) -> Result<Self, String> {
         check_payload_bytes(n).map(PayloadBytes).map_err(|e| format!("payload_bytes: {e}"))
+    }
+}
+
+/// Connection idle timeout: the one check shared by every source (1 ms .. 1 day).
+pub fn parse_idle_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let ns = crate::sampling::keep::parse_duration(s.trim())?;
+    let d = std::time::Duration::from_nanos(ns);
+    if (std::time::Duration::from_millis(1)..=std::time::Duration::from_secs(86_400)).contains(&d) {
+        Ok(d)
+    } else {
+        Err(format!("{s:?} is out of range: expected 1ms..=24h"))
+    }
+}
+
+/// Connection table size: the one check shared by every source.
+pub fn parse_max_connections(s: &str) -> Result<usize, String> {
+    let n: usize = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
+    check_max_connections(n)
+}
+
+fn check_max_connections(n: usize) -> Result<usize, String> {
+    const MAX: usize = 1 << 22;
+    if (1..=MAX).contains(&n) { Ok(n) } else { Err(format!("{n} is out of range: expected 1..={MAX}")) }
+}
+
+/// An idle timeout checked while the file is read.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct IdleTimeout(pub std::time::Duration);
+
+impl TryFrom<String> for IdleTimeout {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        parse_idle_timeout(&s).map(IdleTimeout).map_err(|e| format!("idle_timeout: {e}"))
+    }
+}
+
+/// A connection table size checked while the file is read.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "usize")]
+pub struct MaxConnections(pub usize);
+
+impl TryFrom<usize> for MaxConnections {
+    type Error = String;
+    fn try_from(n: usize) -> Result<Self, String> {
+        check_max_connections(n).map(MaxConnections).map_err(|e| format!("max_connections: {e}"))
     }
 }
 

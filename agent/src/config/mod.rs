@@ -90,6 +90,10 @@ pub struct Settings {
     pub selection: SelectionConfig,
     pub payload_bytes: u32,
     pub context_propagation: file::ContextPropagation,
+    /// Connections without any event for this long are forgotten (`capture.idle_timeout`).
+    pub idle_timeout: std::time::Duration,
+    /// Connections tracked at once (`capture.max_connections`).
+    pub max_connections: usize,
     pub exporter: ExporterChoice,
     pub routes: Vec<Pattern>,
     pub prometheus_listen: Option<SocketAddr>,
@@ -235,6 +239,25 @@ pub fn resolve(args: &RunArgs, env: Env<'_>) -> Result<Settings, ConfigError> {
         file::ContextPropagation::Headers,
         |p| format!("{p:?}").to_ascii_lowercase(),
     )?;
+    let defaults = crate::correlate::CorrelateConfig::default();
+    let idle_timeout = r.scalar(
+        "capture.idle_timeout",
+        ("--idle-timeout", args.idle_timeout),
+        Some("TAPWIRE_IDLE_TIMEOUT"),
+        file::parse_idle_timeout,
+        file.capture.idle_timeout.map(|t| t.0),
+        defaults.idle_timeout,
+        |d| format!("{d:?}"),
+    )?;
+    let max_connections = r.scalar(
+        "capture.max_connections",
+        ("--max-connections", args.max_connections),
+        Some("TAPWIRE_MAX_CONNECTIONS"),
+        file::parse_max_connections,
+        file.capture.max_connections.map(|n| n.0),
+        defaults.max_connections,
+        usize::to_string,
+    )?;
     let file_routes: Option<Vec<Pattern>> = file.http.routes.as_ref().map(|v| v.iter().map(|r| r.0.clone()).collect());
     let routes = r.list("http.routes", "--route", &args.routes, "TAPWIRE_ROUTES", ',', file::parse_route, file_routes.as_ref())?;
     let exporter = r.scalar(
@@ -290,6 +313,8 @@ pub fn resolve(args: &RunArgs, env: Env<'_>) -> Result<Settings, ConfigError> {
         selection,
         payload_bytes,
         context_propagation,
+        idle_timeout,
+        max_connections,
         exporter,
         routes,
         prometheus_listen,

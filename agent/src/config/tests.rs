@@ -1,4 +1,4 @@
-use std::{collections::HashMap, io::Write as _};
+use std::{collections::HashMap, io::Write as _, time::Duration};
 
 use clap::Parser;
 
@@ -86,6 +86,34 @@ fn defaults_when_only_a_cgroup_is_given() {
     assert_eq!(s.log, "info");
     assert_eq!(source_of(&s, "capture.payload_bytes"), &Source::Default);
     assert_eq!(source_of(&s, "selection.cgroups"), &Source::Flag("--cgroup".into()));
+}
+
+#[test]
+fn connection_limits_from_every_source() {
+    let s = resolve_with(&["--cgroup", "svc"], &env_of(&[])).unwrap();
+    assert_eq!((s.idle_timeout, s.max_connections), (Duration::from_secs(120), 65536));
+    let f = TempFile::new("conn", "capture:\n  idle_timeout: 2m\n  max_connections: 300\n");
+    let s = resolve_with(&["--config", f.arg(), "--cgroup", "svc"], &env_of(&[])).unwrap();
+    assert_eq!((s.idle_timeout, s.max_connections), (Duration::from_secs(120), 300));
+    assert_eq!(source_of(&s, "capture.idle_timeout"), &Source::File(f.0.clone()));
+    let env = env_of(&[("TAPWIRE_IDLE_TIMEOUT", "1500ms"), ("TAPWIRE_MAX_CONNECTIONS", "64")]);
+    let s = resolve_with(&["--config", f.arg(), "--cgroup", "svc"], &env).unwrap();
+    assert_eq!((s.idle_timeout, s.max_connections), (Duration::from_millis(1500), 64));
+    let s = resolve_with(&["--config", f.arg(), "--cgroup", "svc", "--idle-timeout", "3s", "--max-connections", "9"], &env).unwrap();
+    assert_eq!((s.idle_timeout, s.max_connections), (Duration::from_secs(3), 9));
+    assert_eq!(source_of(&s, "capture.max_connections"), &Source::Flag("--max-connections".into()));
+    for (var, value, want) in [
+        ("TAPWIRE_IDLE_TIMEOUT", "30", "no unit"),
+        ("TAPWIRE_IDLE_TIMEOUT", "0s", "out of range"),
+        ("TAPWIRE_MAX_CONNECTIONS", "0", "out of range"),
+        ("TAPWIRE_MAX_CONNECTIONS", "many", "not a number"),
+    ] {
+        let err = resolve_with(&["--cgroup", "svc"], &env_of(&[(var, value)])).unwrap_err().to_string();
+        assert!(err.contains(var) && err.contains(want), "{var}={value}: {err}");
+    }
+    let f = TempFile::new("conn-bad", "capture:\n  idle_timeout: soon\n");
+    let err = resolve_with(&["--config", f.arg()], &env_of(&[])).unwrap_err().to_string();
+    assert!(err.contains("idle_timeout") && err.contains("line 2"), "{err}");
 }
 
 #[test]

@@ -11,6 +11,7 @@ use super::{
 use crate::{
     capture::event::{DataEvent, Direction, Endpoints, KernelTrace, Role},
     model::{Resource, Span},
+    telemetry::Counters,
     protocols::http1::{
         Head, Http1Event, Http1Stream, MessageKind, NoHints, Sniff, Start, sniff_request,
     },
@@ -81,6 +82,14 @@ impl Conn {
         matches!(self.phase, Phase::Ignored)
     }
 
+    /// Bytes held in this connection's head and chunk-line buffers.
+    pub fn buffered_bytes(&self) -> usize {
+        match &self.phase {
+            Phase::Http(h) => h.requests.buffered_bytes() + h.responses.buffered_bytes(),
+            _ => 0,
+        }
+    }
+
     /// (queue slots, buffered bytes) of this connection, for tests of bounded memory.
     #[cfg(test)]
     pub fn footprint(&self) -> (usize, usize) {
@@ -109,7 +118,7 @@ impl Conn {
             } else {
                 *chunks += 1;
                 if *chunks >= ctx.config.max_unknown_chunks {
-                    ctx.stats.connections_ignored += 1;
+                    Counters::inc(&ctx.counters.connections_ignored);
                     self.phase = Phase::Ignored;
                 }
                 return;
@@ -118,8 +127,8 @@ impl Conn {
         let Phase::Http(http) = &mut self.phase else { return };
         let view = ConnView { side: http.side, resource: &self.resource, endpoints: self.endpoints };
         if http.on_data(d, &view, ctx, out) == Flow::Ignore {
-            ctx.stats.requests_dropped += http.exchanges.len() as u64;
-            ctx.stats.connections_ignored += 1;
+            Counters::add(&ctx.counters.requests_dropped, http.exchanges.len() as u64);
+            Counters::inc(&ctx.counters.connections_ignored);
             self.phase = Phase::Ignored;
         }
     }
@@ -257,13 +266,13 @@ impl HttpConn {
                     return Flow::Continue;
                 }
                 if self.exchanges.response_head(Some(Box::new(response))) == Paired::Orphan {
-                    ctx.stats.orphan_responses += 1;
+                    Counters::inc(&ctx.counters.responses_orphaned);
                 }
             }
             Http1Event::Uncaptured { .. } => {
                 ctx.parse_failure(None);
                 if self.exchanges.response_head(None) == Paired::Orphan {
-                    ctx.stats.orphan_responses += 1;
+                    Counters::inc(&ctx.counters.responses_orphaned);
                 }
             }
             Http1Event::End { end_ts, body_bytes, .. } => {

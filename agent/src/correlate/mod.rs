@@ -15,7 +15,7 @@ mod ratelimit;
 pub mod route;
 mod span;
 mod table;
-mod trace;
+pub(crate) mod trace;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -77,20 +77,6 @@ impl Default for CorrelateConfig {
     }
 }
 
-/// Losses and oddities the agent-wide [`Counters`] do not (yet) have a field for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CorrelateStats {
-    /// Requests whose `traceparent` was invalid (ignored: the span started a new trace).
-    pub invalid_traceparent: u64,
-    /// Requests that did not become spans: the per-connection queue was full, or the
-    /// connection stopped being followed with requests pending.
-    pub requests_dropped: u64,
-    /// Final responses that had no request to answer.
-    pub orphan_responses: u64,
-    /// Connections found not to speak HTTP/1, or given up on.
-    pub connections_ignored: u64,
-}
-
 /// Which side of HTTP the watched process is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Side {
@@ -117,7 +103,6 @@ pub(crate) struct Ctx {
     stream: StreamConfig,
     clock: Clock,
     counters: Arc<Counters>,
-    stats: CorrelateStats,
     rng: SmallRng,
     /// Reused event buffer.
     scratch: Vec<crate::protocols::http1::Http1Event>,
@@ -164,7 +149,7 @@ impl Ctx {
     }
 
     fn request_dropped(&mut self, queued: usize) {
-        self.stats.requests_dropped += 1;
+        Counters::inc(&self.counters.requests_dropped);
         if let Some(suppressed) = self.log_drop.check() {
             tracing::warn!(queued, suppressed, "too many unanswered requests on a connection: request dropped");
         }
@@ -189,7 +174,7 @@ impl Ctx {
             None => trace::span_ids(headers.traceparent.as_deref(), headers.tracestate.as_deref(), &mut self.rng),
         };
         if invalid {
-            self.stats.invalid_traceparent += 1;
+            Counters::inc(&self.counters.traceparent_invalid);
             if let Some(suppressed) = self.log_traceparent.check() {
                 tracing::debug!(suppressed, "ignored an invalid traceparent header");
             }
@@ -229,7 +214,6 @@ impl Correlator {
                 stream,
                 clock,
                 counters,
-                stats: CorrelateStats::default(),
                 rng: SmallRng::from_os_rng(),
                 scratch: Vec::new(),
                 log_parse: RateLimit::new(LOG_EVERY),
@@ -292,6 +276,7 @@ impl Correlator {
             }
             let key = *key;
             if let Some(conn) = self.table.remove(&key) {
+                Counters::inc(&self.ctx.counters.connections_expired);
                 conn.finish(Outcome::Timeout, &mut self.ctx, out);
             }
         }
@@ -302,9 +287,9 @@ impl Correlator {
         self.table.len()
     }
 
-    /// Losses not covered by [`Counters`].
-    pub fn stats(&self) -> CorrelateStats {
-        self.ctx.stats
+    /// Bytes held in the HTTP/1 head and chunk-line buffers of every tracked connection.
+    pub fn buffered_bytes(&self) -> usize {
+        self.table.values().map(Conn::buffered_bytes).sum()
     }
 
     fn on_data(&mut self, d: &DataEvent, resources: &mut dyn ResourceLookup, out: &mut Vec<Span>) {

@@ -8,6 +8,11 @@
 //! | `tapwire.agent.events.malformed` | `{event}` | | `events_malformed` |
 //! | `tapwire.agent.parse.failures` | `{message}` | `network.protocol.name=http` | `parse_failures_http1` |
 //! | `tapwire.agent.connections.evicted` | `{connection}` | | `connections_evicted` |
+//! | `tapwire.agent.connections.expired` | `{connection}` | | `connections_expired` |
+//! | `tapwire.agent.connections.ignored` | `{connection}` | | `connections_ignored` |
+//! | `tapwire.agent.requests.dropped` | `{request}` | | `requests_dropped` |
+//! | `tapwire.agent.responses.orphaned` | `{response}` | | `responses_orphaned` |
+//! | `tapwire.agent.traceparent.invalid` | `{request}` | | `traceparent_invalid` |
 //! | `tapwire.agent.routes.overflowed` | `{request}` | | `routes_overflowed` |
 //! | `tapwire.agent.spans` | `{span}` | `state` = `created`, `sampled_out`, `exported`, `failed`, `dropped` | `spans_*` |
 //! | `tapwire.agent.spans.kept` | `{span}` | `tapwire.sampling.kept_by` = `error`, `latency` | `spans_kept_*` |
@@ -64,6 +69,28 @@ impl AgentGauge<'static> {
             unit: "{span}",
             description: "Spans waiting in the span export queue.",
             value: i64::try_from(spans).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// `tapwire.agent.connections.active`: connections the correlator tracks
+    /// (`Correlator::connections`), at most its `max_connections`.
+    pub fn connections(n: usize) -> AgentGauge<'static> {
+        AgentGauge {
+            name: "tapwire.agent.connections.active",
+            unit: "{connection}",
+            description: "Connections tracked by the agent (bounded by max_connections; idle ones expire).",
+            value: i64::try_from(n).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// `tapwire.agent.connections.buffer.size`: bytes held in HTTP/1 head and chunk-line
+    /// buffers of the tracked connections (`Correlator::buffered_bytes`).
+    pub fn connection_buffers(bytes: usize) -> AgentGauge<'static> {
+        AgentGauge {
+            name: "tapwire.agent.connections.buffer.size",
+            unit: "By",
+            description: "Bytes held in the HTTP/1 head buffers of the tracked connections.",
+            value: i64::try_from(bytes).unwrap_or(i64::MAX),
         }
     }
 
@@ -164,6 +191,36 @@ pub fn agent_metrics(
             "{connection}",
             "Connections dropped from the tracking table because it was full.",
             plain(get(&c.connections_evicted)),
+        ),
+        counter(
+            "tapwire.agent.connections.expired",
+            "{connection}",
+            "Connections forgotten after the idle timeout without any event.",
+            plain(get(&c.connections_expired)),
+        ),
+        counter(
+            "tapwire.agent.connections.ignored",
+            "{connection}",
+            "Connections no longer parsed: not HTTP/1, too many parse failures, or never seen starting a request.",
+            plain(get(&c.connections_ignored)),
+        ),
+        counter(
+            "tapwire.agent.requests.dropped",
+            "{request}",
+            "Requests that did not become spans: too many unanswered on one connection, or their connection stopped being parsed.",
+            plain(get(&c.requests_dropped)),
+        ),
+        counter(
+            "tapwire.agent.responses.orphaned",
+            "{response}",
+            "Responses that had no request to answer.",
+            plain(get(&c.responses_orphaned)),
+        ),
+        counter(
+            "tapwire.agent.traceparent.invalid",
+            "{request}",
+            "Requests whose traceparent header was invalid (the span started a new trace).",
+            plain(get(&c.traceparent_invalid)),
         ),
         counter(
             "tapwire.agent.routes.overflowed",
@@ -328,6 +385,11 @@ mod tests {
             &c.events_malformed,
             &c.parse_failures_http1,
             &c.connections_evicted,
+            &c.connections_expired,
+            &c.connections_ignored,
+            &c.requests_dropped,
+            &c.responses_orphaned,
+            &c.traceparent_invalid,
             &c.routes_overflowed,
             &c.spans_created,
             &c.spans_sampled_out,
@@ -398,23 +460,28 @@ mod tests {
                 row("tapwire.agent.events.malformed", "{event}", &[], 102),
                 row("tapwire.agent.parse.failures", "{message}", &[("network.protocol.name", "http")], 103),
                 row("tapwire.agent.connections.evicted", "{connection}", &[], 104),
-                row("tapwire.agent.routes.overflowed", "{request}", &[], 105),
-                row("tapwire.agent.spans", "{span}", &[("state", "created")], 106),
-                row("tapwire.agent.spans", "{span}", &[("state", "sampled_out")], 107),
-                row("tapwire.agent.spans", "{span}", &[("state", "exported")], 108),
-                row("tapwire.agent.spans", "{span}", &[("state", "failed")], 109),
-                row("tapwire.agent.spans", "{span}", &[("state", "dropped")], 110),
-                row("tapwire.agent.spans.kept", "{span}", &[("tapwire.sampling.kept_by", "error")], 111),
-                row("tapwire.agent.spans.kept", "{span}", &[("tapwire.sampling.kept_by", "latency")], 112),
-                row("tapwire.agent.metric_points.exported", "{data_point}", &[], 113),
-                row("tapwire.agent.metric_points.failed", "{data_point}", &[], 114),
-                row("tapwire.agent.metric_snapshots.dropped", "{snapshot}", &[], 115),
-                row("tapwire.agent.metric_series.overflowed", "{measurement}", &[], 116),
-                row("tapwire.agent.k8s.api.failures", "{request}", &[("operation", "list")], 117),
-                row("tapwire.agent.k8s.api.failures", "{request}", &[("operation", "watch")], 118),
-                row("tapwire.agent.k8s.api.failures", "{request}", &[("operation", "get_owner")], 119),
-                row("tapwire.agent.k8s.relists", "{list}", &[], 120),
-                row("tapwire.agent.k8s.pods.dropped", "{pod}", &[], 121),
+                row("tapwire.agent.connections.expired", "{connection}", &[], 105),
+                row("tapwire.agent.connections.ignored", "{connection}", &[], 106),
+                row("tapwire.agent.requests.dropped", "{request}", &[], 107),
+                row("tapwire.agent.responses.orphaned", "{response}", &[], 108),
+                row("tapwire.agent.traceparent.invalid", "{request}", &[], 109),
+                row("tapwire.agent.routes.overflowed", "{request}", &[], 110),
+                row("tapwire.agent.spans", "{span}", &[("state", "created")], 111),
+                row("tapwire.agent.spans", "{span}", &[("state", "sampled_out")], 112),
+                row("tapwire.agent.spans", "{span}", &[("state", "exported")], 113),
+                row("tapwire.agent.spans", "{span}", &[("state", "failed")], 114),
+                row("tapwire.agent.spans", "{span}", &[("state", "dropped")], 115),
+                row("tapwire.agent.spans.kept", "{span}", &[("tapwire.sampling.kept_by", "error")], 116),
+                row("tapwire.agent.spans.kept", "{span}", &[("tapwire.sampling.kept_by", "latency")], 117),
+                row("tapwire.agent.metric_points.exported", "{data_point}", &[], 118),
+                row("tapwire.agent.metric_points.failed", "{data_point}", &[], 119),
+                row("tapwire.agent.metric_snapshots.dropped", "{snapshot}", &[], 120),
+                row("tapwire.agent.metric_series.overflowed", "{measurement}", &[], 121),
+                row("tapwire.agent.k8s.api.failures", "{request}", &[("operation", "list")], 122),
+                row("tapwire.agent.k8s.api.failures", "{request}", &[("operation", "watch")], 123),
+                row("tapwire.agent.k8s.api.failures", "{request}", &[("operation", "get_owner")], 124),
+                row("tapwire.agent.k8s.relists", "{list}", &[], 125),
+                row("tapwire.agent.k8s.pods.dropped", "{pod}", &[], 126),
                 row("tapwire.agent.context.spans", "{span}", &[("tapwire.context.parent", "none")], 200),
                 row("tapwire.agent.context.spans", "{span}", &[("tapwire.context.parent", "header")], 201),
                 row("tapwire.agent.context.spans", "{span}", &[("tapwire.context.parent", "thread")], 202),

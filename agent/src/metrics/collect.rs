@@ -31,6 +31,8 @@ pub struct Collectors {
     /// Methods each service has served, so that `http.server.active_requests` reads 0 for them
     /// when nothing is in flight (rather than having no series).
     served_methods: Vec<(Arc<Resource>, Vec<String>)>,
+    /// (connections tracked, bytes buffered) by the correlator (`set_connections`).
+    connections: (usize, usize),
 }
 
 impl Collectors {
@@ -46,6 +48,7 @@ impl Collectors {
             counters,
             started_unix_nano: now_unix_nano(),
             served_methods: Vec::new(),
+            connections: (0, 0),
         }
     }
 
@@ -75,6 +78,12 @@ impl Collectors {
     /// snapshots.
     pub fn set_program_stats(&mut self, stats: Vec<ProgramRunStats>) {
         self.programs = stats;
+    }
+
+    /// The correlator's connection table: connections tracked and bytes held in their buffers,
+    /// for `tapwire.agent.connections.active` and `tapwire.agent.connections.buffer.size`.
+    pub fn set_connections(&mut self, tracked: usize, buffered_bytes: usize) {
+        self.connections = (tracked, buffered_bytes);
     }
 
     /// Requests in flight per service and method (from the correlator), for
@@ -144,7 +153,13 @@ impl Collectors {
             &self.agent,
             self.started_unix_nano,
             now,
-            &[AgentGauge::export_queue_size(span_queue), AgentGauge::metric_series(self.red.series_count()), pending],
+            &[
+                AgentGauge::export_queue_size(span_queue),
+                AgentGauge::metric_series(self.red.series_count()),
+                pending,
+                AgentGauge::connections(self.connections.0),
+                AgentGauge::connection_buffers(self.connections.1),
+            ],
         );
         agent.metrics.extend(program_metrics(&self.programs, self.started_unix_nano, now));
         // Edges belong to neither of their services: they go under the agent's own resource.

@@ -16,6 +16,19 @@ pub struct Counters {
     pub parse_failures_http1: AtomicU64,
     /// Connections dropped from the tracking table because it was full.
     pub connections_evicted: AtomicU64,
+    /// Connections forgotten after `idle_timeout` without any event (their unanswered requests
+    /// end as spans with `error.type = "timeout"`).
+    pub connections_expired: AtomicU64,
+    /// Connections no longer parsed: found not to speak HTTP/1, given up on after repeated
+    /// parse failures, or never seen starting a request (opened before the agent).
+    pub connections_ignored: AtomicU64,
+    /// Requests that did not become spans: the per-connection queue of unanswered requests was
+    /// full, or the connection stopped being parsed with requests pending.
+    pub requests_dropped: AtomicU64,
+    /// Final responses that had no request to answer.
+    pub responses_orphaned: AtomicU64,
+    /// Requests whose `traceparent` header was invalid (ignored: the span started a new trace).
+    pub traceparent_invalid: AtomicU64,
     /// Requests whose route went to the per-service overflow route (too many distinct routes).
     pub routes_overflowed: AtomicU64,
     /// Spans built from requests (before sampling).

@@ -131,6 +131,9 @@ pub enum ParseError {
     /// Chunk data longer than its size said.
     #[error("chunk data not followed by CRLF")]
     ChunkCrlf,
+    /// The stream ended (close, idle expiry, eviction) inside a message head.
+    #[error("the connection ended inside a message head")]
+    UnfinishedHead,
     /// Trailers longer than `max_head_bytes`.
     #[error("trailer section longer than {limit} bytes")]
     TrailersTooLong { limit: usize },
@@ -261,9 +264,10 @@ impl Http1Stream {
 
     /// The stream ended (close or expiry): reports the end of a message in progress. A body read
     /// until close ends `Complete`; anything else cut short ends `Truncated`. A partial head is
-    /// dropped.
+    /// a parse failure ([`ParseError::UnfinishedHead`]).
     pub fn finish(&mut self, out: &mut Vec<Http1Event>) {
         match self.state {
+            State::Head if !self.head_buf.is_empty() => out.push(Http1Event::Error(ParseError::UnfinishedHead)),
             State::UntilClose => self.end_message(None, EndKind::Complete, out),
             State::Body { .. }
             | State::ChunkSize

@@ -223,7 +223,7 @@ fn read_until_close() {
 }
 
 #[test]
-fn finish_mid_body_is_truncated_and_partial_heads_are_dropped() {
+fn finish_mid_body_is_truncated_and_partial_heads_are_failures() {
     let mut s = resp_stream();
     feed(&mut s, 1, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc");
     let mut out = Vec::new();
@@ -234,7 +234,15 @@ fn finish_mid_body_is_truncated_and_partial_heads_are_dropped() {
     feed(&mut s, 1, b"GET / HTTP/1.1\r\nHost:");
     let mut out = Vec::new();
     s.finish(&mut out);
-    assert!(out.is_empty());
+    assert_eq!(out, vec![Http1Event::Error(ParseError::UnfinishedHead)]);
+    assert_eq!(s.buffered_bytes(), 0);
+
+    // Between messages nothing is lost.
+    let mut s = req_stream();
+    feed(&mut s, 1, b"GET / HTTP/1.1\r\n\r\n\r\n");
+    let mut out = Vec::new();
+    s.finish(&mut out);
+    assert_eq!(out, vec![]);
 }
 
 #[test]

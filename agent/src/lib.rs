@@ -11,6 +11,8 @@ pub mod config;
 pub mod correlate;
 pub mod discover;
 pub mod export;
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;
 pub mod metrics;
 pub mod model;
 pub mod protocols;

@@ -24,7 +24,15 @@ const TAG: &str = "test";
 const PYTEST_NO_TESTS: i32 = 5;
 
 /// Fuzz targets under agent/fuzz and how long CI runs each (seconds).
-const FUZZ_TARGETS: &[(&str, u32)] = &[("http1_stream", 60), ("correlator", 30), ("event_decode", 20)];
+const FUZZ_TARGETS: &[(&str, u32)] = &[
+    ("http1_stream", 60),
+    ("correlator", 30),
+    ("event_decode", 20),
+    ("http1_head", 20),
+    ("traceparent", 10),
+    ("route", 15),
+    ("proc_files", 20),
+];
 
 pub struct Options {
     pub unit: bool,

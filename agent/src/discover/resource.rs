@@ -206,7 +206,7 @@ fn push_pod_attributes(a: &mut Attributes, pod: &PodMeta, container_id: Option<&
 }
 
 /// The process's own `OTEL_RESOURCE_ATTRIBUTES` (malformed entries skipped).
-fn own_resource_attributes(environ: &[u8]) -> Vec<(String, String)> {
+pub(crate) fn own_resource_attributes(environ: &[u8]) -> Vec<(String, String)> {
     environ
         .split(|b| *b == 0)
         .filter_map(|v| std::str::from_utf8(v).ok()?.strip_prefix("OTEL_RESOURCE_ATTRIBUTES="))

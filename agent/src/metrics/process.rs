@@ -374,8 +374,8 @@ fn mode(m: &str) -> Attributes {
 
 /// The fields of /proc/PID/stat that tapwire uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Stat {
-    comm: String,
+pub(crate) struct Stat {
+    pub(crate) comm: String,
     /// Clock ticks in user and kernel mode.
     utime: u64,
     stime: u64,
@@ -387,7 +387,7 @@ struct Stat {
 
 /// Parses /proc/PID/stat. `comm` may contain spaces and parentheses, so the fields are counted
 /// from the last `)`.
-fn parse_stat(text: &str) -> Option<Stat> {
+pub(crate) fn parse_stat(text: &str) -> Option<Stat> {
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let comm = text.get(open + 1..close)?.to_owned();
@@ -398,13 +398,13 @@ fn parse_stat(text: &str) -> Option<Stat> {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Status {
+pub(crate) struct Status {
     rss_bytes: Option<u64>,
     vm_size_bytes: Option<u64>,
 }
 
 /// Parses VmRSS and VmSize (kB) from /proc/PID/status. Kernel threads have neither.
-fn parse_status(text: &str) -> Status {
+pub(crate) fn parse_status(text: &str) -> Status {
     let kb = |v: &str| -> Option<u64> {
         let mut f = v.split_whitespace();
         let n: u64 = f.next()?.parse().ok()?;
@@ -422,13 +422,13 @@ fn parse_status(text: &str) -> Status {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct CgroupCpu {
+pub(crate) struct CgroupCpu {
     user_usec: u64,
     system_usec: u64,
 }
 
 /// Parses user_usec and system_usec from a cgroup v2 `cpu.stat`.
-fn parse_cpu_stat(text: &str) -> Option<CgroupCpu> {
+pub(crate) fn parse_cpu_stat(text: &str) -> Option<CgroupCpu> {
     let mut user = None;
     let mut system = None;
     for line in text.lines() {
@@ -444,7 +444,7 @@ fn parse_cpu_stat(text: &str) -> Option<CgroupCpu> {
 
 /// From /proc/PID/cgroup: the cgroup v2 path (`0::PATH`) and the v1 memory path
 /// (`N:...memory...:PATH`).
-fn parse_proc_cgroup(text: &str) -> (Option<String>, Option<String>) {
+pub(crate) fn parse_proc_cgroup(text: &str) -> (Option<String>, Option<String>) {
     let mut v2 = None;
     let mut v1_memory = None;
     for line in text.lines() {
@@ -460,7 +460,7 @@ fn parse_proc_cgroup(text: &str) -> (Option<String>, Option<String>) {
 }
 
 /// The cgroup v1 memory hierarchy's mount point from /proc/self/mounts, if there is one.
-fn parse_v1_memory_mount(mounts: &str) -> Option<PathBuf> {
+pub(crate) fn parse_v1_memory_mount(mounts: &str) -> Option<PathBuf> {
     mounts.lines().find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
         let (target, fstype, options) = (f.get(1)?, f.get(2)?, f.get(3)?);

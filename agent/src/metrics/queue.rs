@@ -57,7 +57,7 @@ struct FdScan {
 
 /// One listening TCP socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ListenSocket {
+pub(crate) struct ListenSocket {
     local: SocketAddr,
     /// Connections waiting for accept().
     backlog: u32,
@@ -237,7 +237,7 @@ fn parse_socket_link(target: &str) -> Option<u64> {
 }
 
 /// The LISTEN rows of /proc/net/tcp or tcp6 text; other rows and malformed lines are skipped.
-fn parse_listen_rows(text: &str) -> Vec<ListenSocket> {
+pub(crate) fn parse_listen_rows(text: &str) -> Vec<ListenSocket> {
     text.lines().filter_map(parse_row).filter(|(_, state, _)| *state == TCP_LISTEN).map(|(row, _, _)| row).collect()
 }
 

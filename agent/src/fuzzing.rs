@@ -54,9 +54,9 @@ pub fn traceparent(data: &[u8]) {
     }
     for (side, source) in [(Role::Server, ParentSource::Header), (Role::Client, ParentSource::AppHeader)] {
         let k = KernelTrace { side, trace_id: [1; 16], span_id: [2; 8], parent_span_id: None, source, flags: 1, injected: false };
-        let (ids, invalid) = trace::kernel_span_ids(&k, Some(tp), Some(ts));
+        let (ids, invalid) = trace::kernel_span_ids(&k, Some(tp), Some(ts), None);
         assert_eq!(invalid, parsed.is_none());
-        assert_eq!(ids.span_id, [2; 8], "the kernel's span id always wins");
+        assert_eq!(ids.span_id, [2; 8], "without a server request in flight the kernel's span id wins");
     }
 }
 

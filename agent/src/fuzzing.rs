@@ -155,7 +155,8 @@ mod tests {
     /// tests after the fix) and a few seeds run through their entry point.
     #[test]
     fn regression_inputs_and_seeds_pass() {
-        let targets: [(&str, fn(&[u8])); 4] =
+        type Entry = fn(&[u8]);
+        let targets: [(&str, Entry); 4] =
             [("http1_head", http1_head), ("traceparent", traceparent), ("route", route), ("proc_files", proc_files)];
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
         for (name, run) in targets {

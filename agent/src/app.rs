@@ -146,6 +146,9 @@ fn kernel_sampler((root, parent_based, threshold): (u32, u32, u64)) -> tapwire_c
 }
 
 async fn run(args: Settings) -> anyhow::Result<()> {
+    if let Some(sentence) = capture::caps::effective().and_then(capture::caps::missing_required_error) {
+        anyhow::bail!("{sentence}");
+    }
     if let tracefs::TracefsState::Unavailable { reason } = tracefs::ensure() {
         anyhow::bail!("{reason}");
     }
@@ -156,7 +159,8 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     let explain = |e: export::ConfigError| anyhow::anyhow!(args.explain_otel_error(&process_env, &e.to_string()));
     // Kubernetes metadata of this node's pods, watched in the background (never waited for).
     let pods = crate::discover::k8s::start(&args.kubernetes, counters.clone()).await?;
-    let mut selector = Selector::new(&args.selection, &mount, pods.clone()).context("while setting up the selection")?;
+    // A selection error names the cgroup and the fix: no context in front of that sentence.
+    let mut selector = Selector::new(&args.selection, &mount, pods.clone())?;
     let export_config = export::ExportConfig::resolve(args.exporter, &otel).map_err(explain)?;
     let sampling = crate::sampling::SamplingConfig::resolve_with_file(&args.sampling_args, &process_env, &args.sampling.to_sampling())?;
     let sampler = crate::sampling::Sampler::new(sampling, counters.clone());

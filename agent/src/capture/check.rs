@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use super::{CaptureConfig, HOOKS, Probes, tracefs};
+use super::{CaptureConfig, HOOKS, Probes, caps, tracefs};
 use crate::discover::cgroup;
 
 /// Result of one check line.
@@ -27,15 +27,36 @@ pub fn run() -> (Vec<Line>, bool) {
     let (major, minor) = parse_kernel(&release);
     push((major, minor) >= (5, 8), true, "kernel", format!("Linux {release} (needs 5.8 or later for ring buffers)"));
 
-    let root = nix::unistd::geteuid().is_root();
-    push(root, true, "privileges", if root { "running as root".into() } else { "not root: tapwire needs root or CAP_BPF + CAP_PERFMON (+ CAP_SYS_ADMIN to mount tracefs)".into() });
+    let uid = nix::unistd::geteuid();
+    let effective = caps::effective();
+    let held: Vec<&str> = caps::CAPABILITIES.iter().filter(|c| effective.is_some_and(|set| set & (1 << c.bit) != 0)).map(|c| c.name).collect();
+    push(
+        effective.is_some(),
+        true,
+        "privileges",
+        match effective {
+            Some(_) => format!("uid {uid}; of the capabilities below, holds {}", if held.is_empty() { "none".into() } else { held.join(", ") }),
+            None => "cannot read the effective capabilities (CapEff) from /proc/self/status".into(),
+        },
+    );
 
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
     push(btf, false, "kernel BTF", if btf { "/sys/kernel/btf/vmlinux present".into() } else { "/sys/kernel/btf/vmlinux missing (not needed by the tracepoint probes)".into() });
 
-    match tracefs::ensure() {
-        tracefs::TracefsState::Ready { mounted_by_us } => push(true, true, "tracefs", if mounted_by_us { format!("was not mounted; mounted it at {}", tracefs::TRACEFS) } else { format!("mounted at {}", tracefs::TRACEFS) }),
-        tracefs::TracefsState::Unavailable { reason } => push(false, true, "tracefs", reason),
+    let tracefs_mounted = match tracefs::ensure() {
+        tracefs::TracefsState::Ready { mounted_by_us } => {
+            push(true, true, "tracefs", if mounted_by_us { format!("was not mounted; mounted it at {}", tracefs::TRACEFS) } else { format!("mounted at {}", tracefs::TRACEFS) });
+            true
+        }
+        tracefs::TracefsState::Unavailable { reason } => {
+            push(false, true, "tracefs", reason);
+            false
+        }
+    };
+    if let Some(set) = effective {
+        for (ok, required, what, detail) in caps::report(set, (major, minor), tracefs_mounted) {
+            push(ok, required, &what, detail);
+        }
     }
 
     match cgroup::cgroup2_mount() {

@@ -1,6 +1,7 @@
 //! Loading and attaching the kernel programs, keeping the cgroup selection in the kernel map,
 //! and draining the ring buffer into typed [`event::Event`]s.
 
+pub mod caps;
 pub mod check;
 pub mod event;
 pub mod probes;

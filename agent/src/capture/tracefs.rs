@@ -34,8 +34,9 @@ pub fn ensure() -> TracefsState {
         Ok(()) => TracefsState::Unavailable { reason: "mounted tracefs but it shows no events/ directory".into() },
         Err(e) => TracefsState::Unavailable {
             reason: format!(
-                "tracefs is not mounted at {TRACEFS} and mounting it failed ({e}); mount it with \
-                 `mount -t tracefs tracefs {TRACEFS}` or give tapwire CAP_SYS_ADMIN"
+                "tracefs is not mounted at {TRACEFS} and tapwire could not mount it ({e}): mount it with \
+                 `mount -t tracefs tracefs {TRACEFS}` (on the node, when tapwire runs in a container) \
+                 or grant tapwire CAP_SYS_ADMIN"
             ),
         },
     }

@@ -32,18 +32,22 @@ pub const CONFIG_VAR: &str = "TAPWIRE_CONFIG";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read the configuration file {}", path.display())]
+    /// The cause is part of the sentence (not a source: the error chain would repeat it), so that
+    /// the fix comes after it.
+    #[error("cannot read the configuration file {} (given by {given_by}): {error}; check the path", path.display())]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        /// `--config` or `TAPWIRE_CONFIG`.
+        given_by: String,
+        error: std::io::Error,
     },
-    /// serde_norway's message names the key (`selection.ports[1]`) and the line and column.
-    #[error("configuration file {}: {source}", path.display())]
+    /// serde_norway's message names the key (`selection.ports[1]`) and the line and column; it
+    /// is part of the sentence (not a source: the error chain would repeat it), so that the fix
+    /// comes after it.
+    #[error("configuration file {}: {error}; correct that line (the README's \"Configuration\" section lists every key)", path.display())]
     Parse {
         path: PathBuf,
-        #[source]
-        source: serde_norway::Error,
+        error: serde_norway::Error,
     },
     #[error("{origin}: {reason}")]
     Invalid { origin: String, reason: String },
@@ -157,9 +161,10 @@ impl Settings {
     }
 }
 
-/// Reads and parses the configuration file.
-pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+/// Reads and parses the configuration file; `given_by` (`--config`, `TAPWIRE_CONFIG`) is named
+/// when it cannot be read.
+pub fn load_file(path: &Path, given_by: &str) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.into(), given_by: given_by.into(), error })?;
     parse_file(path, &text)
 }
 
@@ -168,7 +173,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     if text.trim().is_empty() {
         return Ok(FileConfig::default());
     }
-    serde_norway::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    serde_norway::from_str(text).map_err(|error| ConfigError::Parse { path: path.into(), error })
 }
 
 /// Applies the precedence flags > environment > file > defaults.
@@ -179,7 +184,13 @@ pub fn resolve(args: &RunArgs, env: Env<'_>) -> Result<Settings, ConfigError> {
         (None, None) => (None, Source::Default),
     };
     let file = match &file_path {
-        Some(p) => load_file(p)?,
+        Some(p) => load_file(
+            p,
+            match &file_source {
+                Source::Env(var) => var,
+                _ => "--config",
+            },
+        )?,
         None => FileConfig::default(),
     };
     let mut r = Resolver { env, file_source: Source::File(file_path.clone().unwrap_or_default()), origins: Vec::new() };

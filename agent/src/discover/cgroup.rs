@@ -11,11 +11,19 @@ use std::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("no cgroup v2 filesystem is mounted (looked in /proc/self/mounts); tapwire selects services by cgroup v2")]
+    #[error(
+        "no cgroup v2 filesystem is mounted (looked in /proc/self/mounts): tapwire selects services by cgroup v2; \
+         mount it (`mount -t cgroup2 none /sys/fs/cgroup`, or /sys/fs/cgroup/unified on a hybrid host)"
+    )]
     NoCgroup2,
-    #[error("cgroup {given:?} does not exist: looked for {}", tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and "))]
-    NotFound { given: String, tried: Vec<PathBuf> },
-    #[error("{} is not inside the cgroup v2 mount {}", path.display(), mount.display())]
+    #[error(
+        "cgroup {given:?} does not exist: looked for {}; give a directory that exists under {} (absolute, or relative to it) \
+         or a glob such as /kubepods*, which may match nothing yet",
+        tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and "),
+        mount.display()
+    )]
+    NotFound { given: String, tried: Vec<PathBuf>, mount: PathBuf },
+    #[error("{} is not inside the cgroup v2 mount {}: give a directory under {}", path.display(), mount.display(), mount.display())]
     OutsideMount { path: PathBuf, mount: PathBuf },
 }
 
@@ -53,7 +61,7 @@ pub fn resolve(given: &str, mount: &Path) -> Result<PathBuf, CgroupError> {
         return if as_given.is_dir() {
             Ok(as_given.to_path_buf())
         } else {
-            Err(CgroupError::NotFound { given: given.into(), tried: vec![as_given.to_path_buf()] })
+            Err(CgroupError::NotFound { given: given.into(), tried: vec![as_given.to_path_buf()], mount: mount.to_path_buf() })
         };
     }
     if relative.is_dir() {
@@ -66,7 +74,7 @@ pub fn resolve(given: &str, mount: &Path) -> Result<PathBuf, CgroupError> {
     if as_given.is_absolute() {
         tried.insert(0, as_given.to_path_buf());
     }
-    Err(CgroupError::NotFound { given: given.into(), tried })
+    Err(CgroupError::NotFound { given: given.into(), tried, mount: mount.to_path_buf() })
 }
 
 /// The ids (directory inode numbers) of `root` and every cgroup below it, with their paths.

@@ -169,6 +169,10 @@ impl Worker {
 
     fn account(&self, sent: usize, outcome: Result<(Result<Delivery, Failure>, u32), Failure>) {
         let c = &self.counters;
-        super::account("spans", &c.spans_exported, &c.spans_failed, &self.limiter, sent, outcome);
+        let endpoint = match &self.backend {
+            Backend::Otlp(otlp) => Some(otlp.endpoint()),
+            Backend::Console(_) => None,
+        };
+        super::account("spans", endpoint, &c.spans_exported, &c.spans_failed, &self.limiter, sent, outcome);
     }
 }

@@ -186,9 +186,11 @@ mod test_support;
 mod tests;
 
 /// Counts the outcome of one export of `sent` items (spans or metric points) in `exported` /
-/// `failed`, and logs failures and partial successes at most once per kind and interval.
+/// `failed`, and logs failures and partial successes at most once per kind and interval. A
+/// failure is one sentence naming the collector (`endpoint`) and what to check.
 pub(crate) fn account(
     what: &'static str,
+    endpoint: Option<&str>,
     exported: &std::sync::atomic::AtomicU64,
     failed: &std::sync::atomic::AtomicU64,
     limiter: &ratelimit::LogLimiter,
@@ -219,15 +221,21 @@ pub(crate) fn account(
     };
     Counters::add(failed, sent as u64);
     if let Some(held_back) = limiter.check(&failure.kind) {
+        let message = match endpoint {
+            Some(endpoint) => format!(
+                "cannot export {what} to the OTLP collector at {endpoint}, they are counted as failed: check that the \
+                 collector runs there and that OTEL_EXPORTER_OTLP_ENDPOINT (or export.otlp.endpoint) names it"
+            ),
+            None => format!("cannot export {what}, they are counted as failed"),
+        };
         tracing::warn!(
-            what,
             kind = failure.kind,
             attempts,
             items = sent,
             failed_total = Counters::get(failed),
             held_back,
             error = failure.message,
-            "export failed"
+            "{message}"
         );
     }
 }

@@ -278,7 +278,8 @@ impl Worker {
 
     fn account(&self, sent: usize, outcome: Result<(Result<Delivery, Failure>, u32), Failure>) {
         let c = &self.counters;
-        super::account("metric points", &c.metric_points_exported, &c.metric_points_failed, &self.limiter, sent, outcome);
+        let endpoint = self.otlp.as_ref().map(|otlp| otlp.endpoint());
+        super::account("metric points", endpoint, &c.metric_points_exported, &c.metric_points_failed, &self.limiter, sent, outcome);
     }
 }
 

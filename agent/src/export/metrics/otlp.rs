@@ -39,6 +39,8 @@ enum Transport {
 pub struct OtlpMetricsExporter {
     transport: Transport,
     policy: RetryPolicy,
+    /// The collector's URL, credentials masked, for the warnings.
+    endpoint: String,
 }
 
 impl OtlpMetricsExporter {
@@ -63,7 +65,13 @@ impl OtlpMetricsExporter {
         Ok(OtlpMetricsExporter {
             transport,
             policy: RetryPolicy::default(),
+            endpoint: crate::export::config::redact_userinfo(&cfg.endpoint),
         })
+    }
+
+    /// The collector's URL (credentials masked).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     /// Replaces the retry schedule (tests use short delays).

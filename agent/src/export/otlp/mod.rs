@@ -37,6 +37,8 @@ enum Transport {
 pub struct OtlpExporter {
     transport: Transport,
     policy: RetryPolicy,
+    /// The collector's URL, credentials masked, for the warnings.
+    endpoint: String,
 }
 
 impl OtlpExporter {
@@ -49,7 +51,13 @@ impl OtlpExporter {
         Ok(OtlpExporter {
             transport,
             policy: RetryPolicy::default(),
+            endpoint: super::config::redact_userinfo(&cfg.endpoint),
         })
+    }
+
+    /// The collector's URL (credentials masked).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     /// Replaces the retry schedule (tests use short delays).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -69,6 +70,22 @@ def free_dual_port(attempts: int = 20) -> int:
 def exe_name(pid: int) -> str:
     """Base name of /proc/PID/exe's target: what semconv's process.executable.name means on Linux."""
     return os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+
+
+def with_capabilities(caps: set[str], no_new_privs: bool = True) -> list[str]:
+    """setpriv arguments (to put before a command) that run it as root with exactly `caps`
+    (names without CAP_, e.g. {"BPF", "PERFMON"}), as a container runtime does.
+
+    As root, execve() grants the bounding set, so it is the effective set; no inheritable
+    capabilities; no_new_privs is Kubernetes' allowPrivilegeEscalation: false.
+    """
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "`setpriv` is not on PATH: install util-linux (in xtask's APT_PACKAGES)"
+    bounding = ",".join(["-all"] + [f"+{c.lower()}" for c in sorted(caps)])
+    argv = [setpriv, "--bounding-set", bounding, "--inh-caps", "-all"]
+    if no_new_privs:
+        argv.append("--no-new-privs")
+    return argv + ["--"]
 
 
 class TapwireProcess:

@@ -1,11 +1,11 @@
 """deploy/: the Kubernetes manifests, alert rules, dashboard and collector configuration.
 
 Static checks (offline; no cluster, no container engine, no Grafana, no collector binary):
-- `kubectl kustomize` renders every overlay, and the systemd-cgroup-driver component when its
-  commented line is enabled; the objects pass `kubernetes-validate --strict` for the
-  Kubernetes versions in K8S_VERSIONS; yamllint passes on deploy/;
+- `kubectl kustomize` renders every overlay; the objects pass `kubernetes-validate --strict` for
+  the Kubernetes versions in K8S_VERSIONS; yamllint passes on deploy/;
 - what the schema cannot see: the capability set of each overlay, probes, ports, Service,
-  RBAC, ConfigMap and image wired to each other and to the collector's receiver;
+  RBAC, the ConfigMap's configuration file mounted where --config points, and the image wired
+  to each other and to the collector's receiver;
 - `promtool check rules` and `promtool test rules` on the alerts, `promtool check config` on the
   example Prometheus configuration, and every PromQL expression of the dashboard through
   `promtool check rules` (as recording rules);
@@ -13,10 +13,13 @@ Static checks (offline; no cluster, no container engine, no Grafana, no collecto
   versions match xtask's.
 
 Live checks (root, the real agent from $TAPWIRE_BIN):
-- the rendered DaemonSet's args, ConfigMap environment, capability set and read-only root
-  file system (emulated: setpriv with the same bounding set and no_new_privs as root, in a mount
-  namespace where every mount is read-only) start the agent; its probe endpoint answers; it
-  exits 0 on SIGTERM; without CAP_BPF the same command fails (the emulation is real);
+- the rendered DaemonSet's args, the ConfigMap's configuration file as it is (a key the agent
+  does not know stops it), capability set and read-only root file system (emulated: setpriv
+  with the same bounding set and no_new_privs as root, in a mount namespace where every mount is
+  read-only) start the agent; only the cgroup, the listen address and the collector address are
+  overridden, by the variables that take precedence over the file; its probe endpoint answers;
+  it exits 0 on SIGTERM; without CAP_BPF the same command fails with a sentence naming the
+  capability (the emulation is real);
 - every metric name the dashboard and the alerts use appears in a real /metrics scrape of an
   agent watching a FastAPI service.
 """
@@ -66,6 +69,12 @@ GRAFANA_INTERVALS = ("$__rate_interval", "$__interval", "$__range")
 SERVICE_NAME = "deploy-check"  # OTEL_SERVICE_NAME of the watched FastAPI service -> `job`
 SCRAPE_TIMEOUT_S = 30.0  # every expected name and count must show in /metrics within this
 SPANS_TIMEOUT_S = 30.0  # the ConfigMap keeps the default 5 s batch delay
+
+# What the test changes in the DaemonSet's configuration to run it here, each with the variable
+# that overrides the file's key (README, "Configuration": environment over file).
+OVERRIDES = {"selection.cgroups": "TAPWIRE_CGROUPS",
+             "export.prometheus_listen": "TAPWIRE_PROMETHEUS_LISTEN",
+             "export.otlp.endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT"}
 
 
 # ---- tools (missing ones fail with the way to get them, never skip) ---------------------------
@@ -148,8 +157,8 @@ def with_flag(args: list[str], flag: str, value: str) -> list[str]:
     return out
 
 
-def listen_port(args: list[str]) -> int:
-    return int(flag_value(args, "--prometheus-listen").rsplit(":", 1)[1])
+def listen_port(config: dict) -> int:
+    return int(config["export"]["prometheus_listen"].rsplit(":", 1)[1])
 
 
 def container_port(c: dict, port: int | str) -> int:
@@ -161,16 +170,26 @@ def container_port(c: dict, port: int | str) -> int:
     return named[0]
 
 
-def configmap_env(docs: list[dict]) -> dict[str, str]:
-    """The environment the container gets from its envFrom ConfigMap(s)."""
+def config_file(docs: list[dict]) -> tuple[str, str]:
+    """(path, text) of the file the container's `--config` names, read from the ConfigMap
+    volume mounted at that path's directory."""
     c = container(docs)
-    env: dict[str, str] = {}
+    path = Path(flag_value(c["args"], "--config"))
+    mounts = [m for m in c["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+    assert len(mounts) == 1, f"no single volume mounted at {path.parent}: {c['volumeMounts']}"
+    assert mounts[0].get("readOnly") is True and "subPath" not in mounts[0], mounts[0]
+    volumes = one(docs, "DaemonSet")["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == mounts[0]["name"]]
     maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
-    for source in c.get("envFrom", []):
-        name = source["configMapRef"]["name"]
-        assert name in maps, f"envFrom names ConfigMap {name!r}, rendered: {sorted(maps)}"
-        env.update(maps[name]["data"])
-    return env
+    name = volume["configMap"]["name"]
+    assert name in maps, f"volume {volume['name']} names ConfigMap {name!r}, rendered: {sorted(maps)}"
+    data = maps[name]["data"]
+    assert path.name in data, f"ConfigMap {name} has no key {path.name!r}: {sorted(data)}"
+    return str(path), data[path.name]
+
+
+def config_of(docs: list[dict]) -> dict:
+    return yaml.safe_load(config_file(docs)[1])
 
 
 def workspace_version() -> str:
@@ -212,16 +231,18 @@ def test_default_overlay_is_least_privilege(rendered):
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["hostPID"] is True
     assert not pod.get("hostNetwork", False) and not pod.get("hostIPC", False)
-    # No SYS_ADMIN, so tracefs is the host's, mounted in; cgroupfs and BTF read-only.
-    volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
+    # No SYS_ADMIN, so tracefs is the host's, mounted in; cgroupfs and BTF read-only. The only
+    # other volume is the configuration file.
+    volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
     mounts = {m["mountPath"]: (volumes[m["name"]], m.get("readOnly", False))
-              for m in c["volumeMounts"]}
+              for m in c["volumeMounts"] if m["name"] in volumes}
     assert mounts == {"/sys/kernel/tracing": ("/sys/kernel/tracing", True),
                       "/sys/fs/cgroup": ("/sys/fs/cgroup", True),
                       "/sys/kernel/btf": ("/sys/kernel/btf", True)}
+    assert [v["name"] for v in pod["volumes"] if "hostPath" not in v] == ["config"]
     assert pod["tolerations"] == [{"operator": "Exists"}]
-    assert c["resources"] == {"requests": {"cpu": "100m", "memory": "64Mi"},
-                              "limits": {"cpu": "500m", "memory": "256Mi"}}
+    assert c["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"},
+                              "limits": {"cpu": "1", "memory": "256Mi"}}
 
 
 def test_privileged_overlay_differs_only_in_its_security_context(rendered):
@@ -247,10 +268,19 @@ def test_manifests_are_wired_together(rendered, overlay):
     ds = one(docs, "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
     c = container(docs)
-    args = c["args"]
-    assert args[0] == "run" and flag_value(args, "--cgroup") == "/kubepods"
-    port = listen_port(args)
-    assert flag_value(args, "--prometheus-listen") == f"0.0.0.0:{port}"
+    # Every setting comes from the configuration file: no other flag, no environment but the
+    # node's name from the downward API.
+    assert c["args"] == ["run", "--config", "/etc/tapwire/tapwire.yaml"]
+    assert "envFrom" not in c
+    assert c["env"] == [{"name": "NODE_NAME",
+                         "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
+    config = config_of(docs)
+    # Every pod of the node, whichever cgroup driver the kubelet uses (a unit test matches the
+    # pattern against both layouts).
+    assert config["selection"] == {"cgroups": ["/kubepods*"]}
+    port = listen_port(config)
+    assert config["export"]["prometheus_listen"] == f"0.0.0.0:{port}"
+    assert container_port(c, "metrics") == port
 
     # Probes hit /healthz on the port the agent listens on.
     for probe in ("readinessProbe", "livenessProbe"):
@@ -294,37 +324,23 @@ def test_manifests_are_wired_together(rendered, overlay):
                                   "name": role["metadata"]["name"]}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "tapwire"}]
 
-    # Environment: the collector's OTLP/gRPC receiver; metrics pulled, not pushed as well.
-    env = configmap_env(docs)
-    assert env == {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4317",
-                   "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-                   "OTEL_METRICS_EXPORTER": "prometheus",
-                   "TAPWIRE_LOG": "info"}
+    # Spans to the collector's OTLP/gRPC receiver; metrics pulled, not pushed as well.
+    assert config["export"]["exporter"] == "otlp"
+    assert config["export"]["otlp"] == {"endpoint": "http://otel-collector.observability:4317",
+                                        "protocol": "grpc", "metrics_exporter": "prometheus"}
     grpc_receiver = yaml.safe_load(COLLECTOR.read_text())["receivers"]["otlp"]["protocols"]["grpc"]
-    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].rsplit(":", 1)[1] == \
+    assert config["export"]["otlp"]["endpoint"].rsplit(":", 1)[1] == \
         grpc_receiver["endpoint"].rsplit(":", 1)[1]
-    assert c["env"] == [{"name": "NODE_NAME",
-                         "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
+    assert config["kubernetes"] == {"mode": "auto"} and config["log"] == "info"
+    # Only keys the live tests override by their variables are changed to run it here.
+    for key in OVERRIDES:
+        section = config
+        for part in key.split("."):
+            assert part in section, f"the configuration file has no {key}"
+            section = section[part]
 
     # The image tag is the version being built.
     assert c["image"] == f"tapwire:{workspace_version()}"
-
-
-def test_systemd_cgroup_driver_line_switches_to_kubepods_slice(kubectl, rendered, tmp_path):
-    """Uncommenting the documented line of an overlay changes --cgroup and nothing else."""
-    tree = tmp_path / "kubernetes"
-    shutil.copytree(KUSTOMIZE, tree)
-    line = "# components: [../../components/systemd-cgroup-driver]"
-    for overlay in OVERLAYS:
-        kustomization = tree / "overlays" / overlay / "kustomization.yaml"
-        text = kustomization.read_text()
-        assert text.count(line) == 1, f"overlays/{overlay} lacks the line {line!r}"
-        kustomization.write_text(text.replace(line, line.removeprefix("# ")))
-        docs = render(kubectl, kustomization.parent)
-        args = container(docs)["args"]
-        assert flag_value(args, "--cgroup") == "/kubepods.slice"
-        container(docs)["args"] = with_flag(args, "--cgroup", "/kubepods")
-        assert docs == rendered[overlay]
 
 
 # ---- static: Prometheus -----------------------------------------------------------------------
@@ -545,12 +561,8 @@ def capability_wrapper(security_context: dict, drop: set[str] = frozenset()) -> 
         return []
     assert security_context["capabilities"]["drop"] == ["ALL"]
     caps = set(security_context["capabilities"]["add"]) - set(drop)
-    bounding = ",".join(["-all"] + [f"+{c.lower()}" for c in sorted(caps)])
-    setpriv = _tool("setpriv", "install util-linux")
-    argv = [setpriv, "--bounding-set", bounding, "--inh-caps", "-all"]
-    if security_context.get("allowPrivilegeEscalation") is False:
-        argv.append("--no-new-privs")
-    return argv + ["--"]
+    return procs.with_capabilities(
+        caps, no_new_privs=security_context.get("allowPrivilegeEscalation") is False)
 
 
 # Runs "$@" in a private mount namespace where every mount is read-only (stricter than the
@@ -559,32 +571,91 @@ _READ_ONLY_MOUNTS = ('for m in $(awk \'{print $2}\' /proc/self/mounts | sort -u)
                      'mount -o remount,bind,ro "$m" 2>/dev/null; done; exec "$@"')
 
 
-def read_only_wrapper(security_context: dict) -> list[str]:
-    """readOnlyRootFilesystem: the agent gets a file system it cannot write to."""
-    if not security_context.get("readOnlyRootFilesystem"):
+# A node without tracefs mounted, as the container sees it: an empty directory (a read-only
+# tmpfs) over tracefs and its debugfs alias, in the same private mount namespace.
+_HIDE_TRACEFS = ('for d in /sys/kernel/tracing /sys/kernel/debug/tracing; do '
+                 'if [ -d "$d/events" ]; then mount -t tmpfs -o ro,size=4k none "$d" || exit 97; fi; '
+                 'done; ')
+
+
+def read_only_wrapper(security_context: dict, hide_tracefs: bool = False) -> list[str]:
+    """readOnlyRootFilesystem: the agent gets a file system it cannot write to (and, with
+    `hide_tracefs`, no tracefs), in a mount namespace of its own."""
+    script = (_HIDE_TRACEFS if hide_tracefs else "") + \
+        (_READ_ONLY_MOUNTS if security_context.get("readOnlyRootFilesystem") else 'exec "$@"')
+    if script == 'exec "$@"':
         return []
     unshare = _tool("unshare", "install util-linux")
-    return [unshare, "--mount", "--propagation", "private", "--",
-            "sh", "-c", _READ_ONLY_MOUNTS, "sh"]
+    return [unshare, "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"]
+
+
+def container_env(c: dict) -> dict[str, str]:
+    """The container's `env`, with the downward API's node name as a kubelet would fill it."""
+    env = {}
+    for var in c.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            assert var["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}, var
+            env[var["name"]] = "test-node"
+    return env
+
+
+def command_from_manifest(docs: list[dict], tapwire_bin: str, cgroup: Path, port: int,
+                          otlp_endpoint: str, config_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of the DaemonSet's container run here: its args, with the ConfigMap's
+    configuration file written unchanged to `config_dir` (the pod's mount path does not exist
+    here), and its env; the test's cgroup, a local listen address and the test receiver are set
+    by the variables that override the file's keys (OVERRIDES)."""
+    c = container(docs)
+    mount_path, text = config_file(docs)
+    local = config_dir / Path(mount_path).name
+    local.write_text(text)
+    env = container_env(c)
+    values = {"selection.cgroups": "/" + cgroup.name,  # relative to the cgroup2 mount
+              "export.prometheus_listen": f"127.0.0.1:{port}",
+              "export.otlp.endpoint": otlp_endpoint}
+    env.update({OVERRIDES[key]: value for key, value in values.items()})
+    return [tapwire_bin, *with_flag(c["args"], "--config", str(local))], env
 
 
 def agent_from_manifest(docs: list[dict], tapwire_bin: str, cgroup: Path, port: int,
                         otlp_endpoint: str, log_dir: Path, label: str,
-                        drop_caps: set[str] = frozenset()) -> procs.TapwireProcess:
-    """The DaemonSet's container as a local process: its args with the test cgroup and a local
-    listen address, the ConfigMap's environment with the test receiver, its capabilities and its
-    read-only file system."""
-    c = container(docs)
-    args = with_flag(c["args"], "--cgroup", "/" + cgroup.name)  # relative to the cgroup2 mount
-    args = with_flag(args, "--prometheus-listen", f"127.0.0.1:{port}")
-    env = configmap_env(docs)
-    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_endpoint
-    env["NODE_NAME"] = "test-node"
+                        drop_caps: set[str] = frozenset(),
+                        hide_tracefs: bool = False) -> procs.TapwireProcess:
+    """The DaemonSet's container as a local process (command_from_manifest), with its
+    capabilities and its read-only file system."""
+    config_dir = log_dir / f"{label}-config"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    argv, env = command_from_manifest(docs, tapwire_bin, cgroup, port, otlp_endpoint, config_dir)
     agent = procs.TapwireProcess(tapwire_bin, [], procs.base_env(env), log_dir, label=label)
-    sc = c["securityContext"]
+    sc = container(docs)["securityContext"]
     # Each wrapper execs the next, so the pid (and SIGTERM) is the agent's.
-    agent.argv = [*read_only_wrapper(sc), *capability_wrapper(sc, drop_caps), tapwire_bin, *args]
+    agent.argv = [*read_only_wrapper(sc, hide_tracefs), *capability_wrapper(sc, drop_caps), *argv]
     return agent
+
+
+def leaf_keys(section: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of a configuration file's values (`export.otlp.endpoint`)."""
+    keys = []
+    for key, value in section.items():
+        if isinstance(value, dict):
+            keys += leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def effective_sources(argv: list[str], env: dict[str, str]) -> dict[str, str]:
+    """`tapwire config --print` with the same arguments: setting -> where its value came from."""
+    assert argv[1] == "run", argv
+    out = ok(run([argv[0], "config", "--print", *argv[2:]], env=procs.base_env(env)))
+    sources = {}
+    for line in out.splitlines()[1:]:
+        m = re.fullmatch(r"([\w.]+): .*?\s+# (.+)", line)
+        assert m, f"unexpected `tapwire config --print` line {line!r}"
+        sources[m.group(1)] = m.group(2)
+    return sources
 
 
 def http_session() -> requests.Session:
@@ -604,6 +675,18 @@ def test_rendered_daemonset_starts_the_agent(rendered, overlay, tapwire_bin, cgr
     ensure_tracefs()
     cg = cgroup(f"deploy-{overlay}")
     port = procs.free_port()
+
+    # The agent reads every key of the ConfigMap's file; only the overridden ones come from
+    # elsewhere, and the node name from the downward API's variable.
+    argv, env = command_from_manifest(rendered[overlay], tapwire_bin, cg, port,
+                                      otlp_receiver.grpc_endpoint, tmp_path)
+    local_config = argv[argv.index("--config") + 1]
+    sources = effective_sources(argv, env)
+    expected = {key: f"env {OVERRIDES[key]}" if key in OVERRIDES else f"file {local_config}"
+                for key in leaf_keys(config_of(rendered[overlay]))}
+    expected["kubernetes.node_name"] = "env NODE_NAME"
+    assert {key: sources.get(key) for key in expected} == expected, sources
+
     agent = agent_from_manifest(rendered[overlay], tapwire_bin, cg, port,
                                 otlp_receiver.grpc_endpoint, tmp_path, f"tapwire-{overlay}")
     attach_log(f"tapwire ({overlay} overlay) logs", agent.diagnostics)
@@ -619,19 +702,94 @@ def test_rendered_daemonset_starts_the_agent(rendered, overlay, tapwire_bin, cgr
         stop_agent(agent)
 
 
+def the_error(agent: procs.TapwireProcess) -> str:
+    """The one `tapwire: ` line an agent that could not start printed (exit 1)."""
+    with pytest.raises(AssertionError, match="exited with code 1 "):
+        agent.start(ready_timeout=30)
+    errors = [line for line in agent.stderr().splitlines() if line.startswith("tapwire: ")]
+    assert len(errors) == 1 and agent.stderr().splitlines()[-1] == errors[0], agent.diagnostics()
+    return errors[0].removeprefix("tapwire: ")
+
+
 def test_capability_set_is_enforced(rendered, tapwire_bin, cgroup, otlp_receiver, attach_log,
                                     tmp_path):
     """Control for the test above: the same command without CAP_BPF must fail, so the
-    capability emulation really restricts the agent."""
+    capability emulation really restricts the agent; the agent says which one is missing."""
     ensure_tracefs()
     cg = cgroup("deploy-nobpf")
     agent = agent_from_manifest(rendered["default"], tapwire_bin, cg, procs.free_port(),
                                 otlp_receiver.grpc_endpoint, tmp_path, "tapwire-nobpf",
                                 drop_caps={"BPF"})
     attach_log("tapwire without CAP_BPF logs", agent.diagnostics)
-    with pytest.raises(AssertionError, match="exited with code"):
-        agent.start(ready_timeout=30)
-    assert "Operation not permitted" in agent.stderr(), agent.diagnostics()
+    assert the_error(agent) == (
+        "tapwire lacks CAP_BPF, which it needs to load and attach its eBPF programs: run it as "
+        "root or grant it (in Kubernetes, securityContext.capabilities.add: [BPF]); "
+        "`tapwire check` lists every capability")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_node_without_tracefs(rendered, overlay, tapwire_bin, cgroup, otlp_receiver, attach_log,
+                              tmp_path):
+    """tracefs not mounted on the node: the default overlay (no CAP_SYS_ADMIN) stops with one
+    sentence saying how to mount it; the privileged overlay mounts it itself and starts, as
+    the README says."""
+    ensure_tracefs()  # so that hiding it is what makes the difference
+    cg = cgroup(f"deploy-notracefs-{overlay}")
+    agent = agent_from_manifest(rendered[overlay], tapwire_bin, cg, procs.free_port(),
+                                otlp_receiver.grpc_endpoint, tmp_path, f"tapwire-notracefs-{overlay}",
+                                hide_tracefs=True)
+    attach_log(f"tapwire ({overlay} overlay, no tracefs) logs", agent.diagnostics)
+    if overlay == "privileged":
+        agent.start()
+        stop_agent(agent)
+        return
+    assert the_error(agent) == (
+        "tracefs is not mounted at /sys/kernel/tracing and tapwire could not mount it "
+        "(EPERM: Operation not permitted): mount it with "
+        "`mount -t tracefs tracefs /sys/kernel/tracing` (on the node, when tapwire runs in a "
+        "container) or grant tapwire CAP_SYS_ADMIN")
+
+
+# `tapwire check` under the DaemonSet's capability set, less the capabilities dropped: the mark
+# each capability's line must show (the others: ok; SYS_ADMIN, which the default overlay leaves
+# out on purpose: warn), and the exit status.
+CHECK_CASES = {
+    "daemonset": (set(), {}, 0),
+    "no-bpf-perfmon": ({"BPF", "PERFMON"}, {"CAP_BPF": "FAIL", "CAP_PERFMON": "FAIL"}, 1),
+    "no-net-admin": ({"NET_ADMIN"}, {"CAP_NET_ADMIN": "FAIL"}, 1),
+    "no-proc-access": ({"SYS_PTRACE", "DAC_READ_SEARCH"},
+                       {"CAP_SYS_PTRACE": "warn", "CAP_DAC_READ_SEARCH": "warn"}, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECK_CASES))
+def test_check_reports_capabilities_by_name(rendered, tapwire_bin, case):
+    dropped, marks, code = CHECK_CASES[case]
+    ensure_tracefs()
+    sc = container(rendered["default"])["securityContext"]
+    done = run([*capability_wrapper(sc, dropped), tapwire_bin, "check"], env=procs.base_env())
+    report = f"exit {done.returncode}\n{done.stdout}{done.stderr}"
+    assert done.returncode == code, report
+    lines = {m.group(2): (m.group(1).strip(), m.group(3)) for m in
+             re.finditer(r"^\[(ok  |FAIL|warn)\] (CAP_\w+)\s+(.*)$", done.stdout, re.M)}
+    assert set(lines) == {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_PTRACE",
+                          "CAP_DAC_READ_SEARCH", "CAP_SYS_RESOURCE", "CAP_SYS_ADMIN"}, report
+    expected = {cap: "ok" for cap in lines} | {"CAP_SYS_ADMIN": "warn"} | marks
+    assert {cap: mark for cap, (mark, _) in lines.items()} == expected, report
+    for cap, (mark, detail) in lines.items():
+        fix = rf"; grant {cap} \(Kubernetes: capabilities\.add {cap[4:]}\) or run as root"
+        if mark == "FAIL":
+            assert re.fullmatch(rf"missing: tapwire cannot run without it, it is needed to [^;]+{fix}",
+                                detail), detail
+        elif mark == "warn":
+            assert re.fullmatch(rf"missing: [^;]+{fix}", detail), detail
+        else:
+            assert detail.startswith(("held: tapwire uses it to ", "not held, not needed: ")), detail
+    assert re.search(r"^\[ok  \] privileges\s+uid 0; of the capabilities below, holds ", done.stdout,
+                     re.M), report
+    last = done.stdout.splitlines()[-1]
+    assert last == ("tapwire can run on this node." if code == 0 else
+                    "tapwire cannot run on this node: fix the FAIL lines above."), report
 
 
 # ---- live: the dashboard and the alerts only use names the agent exports ------------------------
@@ -734,10 +892,12 @@ def test_dashboard_and_alerts_use_only_exported_metrics(rendered, tapwire_bin, c
         assert len(mine) == len(plan), otlp_receiver.describe("spans of the watched service")
         assert {r.transport for r in otlp_receiver.trace_requests()} == {"grpc"}
 
-        # The memory limit covers the agent and the eBPF maps charged to its cgroup.
+        # The memory request (and so the limit) covers the agent and the eBPF maps charged to
+        # its cgroup.
         rss, bpf = process_memory_bytes(agent.pid)
-        limit = mebibytes(container(docs)["resources"]["limits"]["memory"]) * 2**20
-        assert rss + bpf < limit, f"RSS {rss} B + eBPF maps/programs {bpf} B >= limit {limit} B"
+        request = mebibytes(container(docs)["resources"]["requests"]["memory"]) * 2**20
+        assert rss + bpf < request, \
+            f"RSS {rss} B + eBPF maps/programs {bpf} B >= memory request {request} B"
         print(f"agent memory: RSS {rss / 2**20:.1f} MiB, "
               f"eBPF maps and programs {bpf / 2**20:.1f} MiB")
 

@@ -306,3 +306,22 @@ fn context_propagation_from_env_and_flag() {
     let e = resolve_with(&["--cgroup", "svc"], &env_of(&[("TAPWIRE_CONTEXT_PROPAGATION", "on")])).unwrap_err().to_string();
     assert!(e.contains("TAPWIRE_CONTEXT_PROPAGATION") && e.contains("expected `headers` or `off`"), "{e}");
 }
+
+#[test]
+fn the_daemonset_config_file_selects_every_pod_with_either_cgroup_driver() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/base/tapwire.yaml");
+    let s = resolve_with(&["--config", path.to_str().unwrap()], &env_of(&[])).unwrap();
+    let selects = |dir: &str| {
+        let parts: Vec<&str> = dir.split('/').filter(|p| !p.is_empty()).collect();
+        // A pattern selects the directories it matches and everything below them.
+        (1..=parts.len()).any(|n| s.selection.cgroups.iter().any(|c| c.matches(&parts[..n])))
+    };
+    // cgroupfs driver, then systemd driver (kubeadm's default).
+    assert!(selects("/kubepods/burstable/pod0f3c2d1e/0123abcd"));
+    assert!(selects("/kubepods/pod0f3c2d1e/0123abcd"));
+    assert!(selects("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f3c.slice/cri-containerd-0123.scope"));
+    assert!(selects("/kubepods.slice/kubepods-pod0f3c.slice/cri-containerd-0123.scope"));
+    for not_a_pod in ["/system.slice/containerd.service", "/user.slice", "/init.scope", "/"] {
+        assert!(!selects(not_a_pod), "{not_a_pod}");
+    }
+}

@@ -146,7 +146,7 @@ def test_unreachable_collector_is_one_warning_and_tapwire_keeps_running(
     assert len(warnings()) == 1, "\n".join(warnings())
     line = warnings()[0]
     assert re.search(
-        r" WARN tapwire::export: cannot export spans to the OTLP collector at "
-        + re.escape(endpoint) + r", they are counted as failed: check that the collector runs "
-        r"there and that OTEL_EXPORTER_OTLP_ENDPOINT \(or export\.otlp\.endpoint\) names it "
-        r'kind="grpc unavailable" attempts=5 items=\d ', line), line
+        r" WARN tapwire::export: export failed: spans could not be delivered to the OTLP "
+        r"collector at " + re.escape(endpoint) + r" and are counted as failed; check that the "
+        r"collector runs there and that OTEL_EXPORTER_OTLP_ENDPOINT \(or export\.otlp\.endpoint\) "
+        r'names it what="spans" kind="grpc unavailable" attempts=5 items=\d ', line), line

@@ -67,6 +67,70 @@ def test_kill_9_leaves_nothing_attached(tapwire_bin, cgroup, tmp_path):
     assert left == {}, f"programs still loaded after kill -9: {sorted(left.values())}"
 
 
+# ---- kill -9 under load, then a restart on the same connections ---------------------------------
+
+CLIENT_APP = procs.APPS_DIR / "keepalive_client.py"
+CONNECTIONS = 4
+# Span timing: the kernel timestamps lie inside the client's window around each request (1 ms
+# covers clock conversions), and a SERVER span covers at least the handler's sleep.
+TIMING_TOLERANCE_NS = 1_000_000
+WALL_CLOCK_TOLERANCE_NS = 100_000_000
+# A request in flight across the restart: long enough for the new agent to be ready before
+# the answer (agent start-up takes a few seconds on a busy 2-CPU machine).
+IN_FLIGHT_DELAY_MS = 12_000
+
+
+class KeepAliveClient:
+    """apps/keepalive_client.py in a watched cgroup: kept-alive connections, commands on stdin."""
+
+    def __init__(self, cgroup_path, port: int, log_dir):
+        self.stderr_path = log_dir / "keepalive-client.stderr"
+        with open(self.stderr_path, "wb") as err:
+            self.proc = cgroupfs.popen_in_cgroup(
+                cgroup_path, [sys.executable, str(CLIENT_APP), "--port", str(port),
+                              "--connections", str(CONNECTIONS)],
+                env=procs.base_env({"PYTHONUNBUFFERED": "1"}), stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=err, text=True)
+        self._lines: "queue.Queue[dict]" = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        ready = self._next(30)
+        assert ready.get("ready"), ready
+        self.local_ports = ready["local_ports"]
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(json.loads(line))
+
+    def _next(self, timeout: float) -> dict:
+        try:
+            return self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"the client said nothing in {timeout} s; stderr:\n"
+                                 f"{procs.tail(self.stderr_path)}") from None
+
+    def send(self, **command) -> None:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+
+    def results(self, tags: set[str], timeout: float) -> dict[str, list[dict]]:
+        """Waits for the results of the commands `tags` (in any order)."""
+        out, deadline = {}, time.monotonic() + timeout
+        while set(out) != tags:
+            line = self._next(max(0.1, deadline - time.monotonic()))
+            out[line["tag"]] = line["results"]
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
 def check_span(span: dict, sent: dict, port: int) -> list[str]:
     """What is wrong with `span` as the span of request `sent` (empty: nothing)."""
     a, problems = span["attributes"], []

@@ -223,12 +223,14 @@ pub(crate) fn account(
     if let Some(held_back) = limiter.check(&failure.kind) {
         let message = match endpoint {
             Some(endpoint) => format!(
-                "cannot export {what} to the OTLP collector at {endpoint}, they are counted as failed: check that the \
-                 collector runs there and that OTEL_EXPORTER_OTLP_ENDPOINT (or export.otlp.endpoint) names it"
+                "export failed: {what} could not be delivered to the OTLP collector at {endpoint} and are counted as \
+                 failed; check that the collector runs there and that OTEL_EXPORTER_OTLP_ENDPOINT (or \
+                 export.otlp.endpoint) names it"
             ),
-            None => format!("cannot export {what}, they are counted as failed"),
+            None => format!("export failed: {what} are counted as failed"),
         };
         tracing::warn!(
+            what,
             kind = failure.kind,
             attempts,
             items = sent,

@@ -49,8 +49,9 @@ pub const CAPABILITIES: &[Capability] = &[
     Capability {
         name: "CAP_SYS_PTRACE",
         bit: 19,
-        purpose: "read /proc/<pid>/environ, exe and fd/ of services that hold capabilities tapwire lacks or run as another user",
-        need: Need::Feature("tapwire cannot read OTEL_SERVICE_NAME, the executable or the sockets of such services"),
+        purpose: "read /proc/<pid>/exe and fd/ of services that hold capabilities tapwire lacks or run as another user \
+                  (their environ is readable with CAP_PERFMON)",
+        need: Need::Feature("tapwire cannot read the executable or the sockets of such services"),
     },
     Capability {
         name: "CAP_DAC_READ_SEARCH",

@@ -49,7 +49,7 @@ use super::{
     red::{Histogram, OVERFLOW_ATTRIBUTE},
 };
 use crate::{
-    model::{Attributes, Span, SpanKind, Status, Value},
+    model::{Attributes, Resource, Span, SpanKind, Status, Value},
     telemetry::Counters,
 };
 
@@ -99,7 +99,8 @@ struct ConnKey {
 #[derive(Clone, Debug)]
 struct Half {
     kind: SpanKind,
-    service: String,
+    /// Its service (`service.name` of the resource: an `Arc`, not a copy of the name).
+    resource: Arc<Resource>,
     start: u64,
     end: u64,
     seconds: f64,
@@ -115,12 +116,12 @@ struct Half {
 impl Half {
     fn of(span: &Span, now: u64) -> Half {
         let server_address = match span.attributes.get("server.address") {
-            Some(Value::Str(s)) if !s.is_empty() => Some(s.clone()),
+            Some(Value::Str(s)) if span.kind == SpanKind::Client && !s.is_empty() => Some(s.to_string()),
             _ => None,
         };
         Half {
             kind: span.kind,
-            service: span.resource.service_name.clone(),
+            resource: span.resource.clone(),
             start: span.start_unix_nano,
             end: span.end_unix_nano.max(span.start_unix_nano),
             seconds: span.duration_ns() as f64 / 1e9,
@@ -130,6 +131,10 @@ impl Half {
             conn: conn_key(span),
             arrived: now,
         }
+    }
+
+    fn service(&self) -> &str {
+        &self.resource.service_name
     }
 
     fn overlaps(&self, other: &Half) -> bool {
@@ -207,6 +212,63 @@ struct SideCount {
     value: u64,
 }
 
+/// Spans waiting for their other half, oldest first, found by sequence number in constant time.
+#[derive(Debug, Default)]
+struct Pending {
+    slots: VecDeque<Option<Half>>,
+    /// Sequence number of `slots[0]`.
+    first_seq: u64,
+    live: usize,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.live
+    }
+
+    /// Adds the newest span; returns its sequence number.
+    fn push(&mut self, half: Half) -> u64 {
+        self.slots.push_back(Some(half));
+        self.live += 1;
+        self.first_seq + self.slots.len() as u64 - 1
+    }
+
+    fn get(&self, seq: u64) -> Option<&Half> {
+        let i = usize::try_from(seq.checked_sub(self.first_seq)?).ok()?;
+        self.slots.get(i)?.as_ref()
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<Half> {
+        let i = usize::try_from(seq.checked_sub(self.first_seq)?).ok()?;
+        let half = self.slots.get_mut(i)?.take()?;
+        self.live -= 1;
+        self.trim();
+        Some(half)
+    }
+
+    /// The oldest waiting span.
+    fn first(&self) -> Option<&Half> {
+        self.slots.front()?.as_ref()
+    }
+
+    fn pop_first(&mut self) -> Option<(u64, Half)> {
+        let seq = self.first_seq;
+        let half = self.slots.pop_front()??;
+        self.first_seq += 1;
+        self.live -= 1;
+        self.trim();
+        Some((seq, half))
+    }
+
+    /// Drops the slots of spans that left, up to the oldest one still waiting.
+    fn trim(&mut self) {
+        while matches!(self.slots.front(), Some(None)) {
+            self.slots.pop_front();
+            self.first_seq += 1;
+        }
+    }
+}
+
 /// The waiting spans of one connection (sequence numbers), client spans then server spans.
 type ConnQueues = [VecDeque<u64>; 2];
 
@@ -225,13 +287,13 @@ type SideKey = (bool, String);
 pub struct ServiceGraph {
     config: ServiceGraphConfig,
     counters: Arc<Counters>,
-    /// Waiting spans by arrival sequence number (so the oldest is first).
-    pending: BTreeMap<u64, Half>,
+    /// Waiting spans in arrival order, the one at index `i` with sequence number
+    /// `first_seq + i`; `None` once it left (paired) while older ones still wait.
+    pending: Pending,
     /// Waiting spans of each connection, in arrival order: client spans, server spans. A span
     /// looks for its other half among the other kind only, so spans whose peer is not watched
     /// (a whole queue of one kind) cost nothing to the spans after them.
     by_conn: HashMap<ConnKey, ConnQueues>,
-    next_seq: u64,
     /// Arrival times never go backwards (a wall-clock step would break the expiry order).
     last_now: u64,
     edges: BTreeMap<EdgeKey, EdgeSeries>,
@@ -245,9 +307,8 @@ impl ServiceGraph {
         ServiceGraph {
             config,
             counters,
-            pending: BTreeMap::new(),
+            pending: Pending::default(),
             by_conn: HashMap::new(),
-            next_seq: 0,
             last_now: 0,
             edges: BTreeMap::new(),
             overflow: None,
@@ -280,13 +341,13 @@ impl ServiceGraph {
         };
         if let Some(queues) = self.by_conn.get_mut(&conn) {
             let others = &mut queues[1 - side(half.kind)];
-            let found = others.iter().position(|seq| self.pending.get(seq).is_some_and(|other| other.overlaps(&half)));
+            let found = others.iter().position(|&seq| self.pending.get(seq).is_some_and(|other| other.overlaps(&half)));
             if let Some(i) = found {
                 let seq = others.remove(i).unwrap_or_default();
                 if queues.iter().all(VecDeque::is_empty) {
                     self.by_conn.remove(&conn);
                 }
-                if let Some(other) = self.pending.remove(&seq) {
+                if let Some(other) = self.pending.remove(seq) {
                     let (client, server) = if half.kind == SpanKind::Client { (half, other) } else { (other, half) };
                     self.paired(&client, &server, now);
                 }
@@ -296,13 +357,12 @@ impl ServiceGraph {
         if self.pending.len() >= self.config.max_pending.max(1)
             && let Some((_, oldest)) = self.pop_oldest()
         {
-            let key = (oldest.kind == SpanKind::Client, oldest.service.clone());
+            let key = (oldest.kind == SpanKind::Client, oldest.service().to_owned());
             self.count_side(true, key, now);
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.by_conn.entry(conn).or_default()[side(half.kind)].push_back(seq);
-        self.pending.insert(seq, half);
+        let kind = half.kind;
+        let seq = self.pending.push(half);
+        self.by_conn.entry(conn).or_default()[side(kind)].push_back(seq);
     }
 
     /// Turns spans that waited `wait` or longer into unpaired spans (and virtual-node edges).
@@ -310,7 +370,7 @@ impl ServiceGraph {
         let now = now_unix_nano.max(self.last_now);
         self.last_now = now;
         let wait = u64::try_from(self.config.wait.as_nanos()).unwrap_or(u64::MAX);
-        while let Some((_, first)) = self.pending.first_key_value() {
+        while let Some(first) = self.pending.first() {
             if now.saturating_sub(first.arrived) < wait {
                 break;
             }
@@ -321,6 +381,7 @@ impl ServiceGraph {
 
     fn pop_oldest(&mut self) -> Option<(u64, Half)> {
         let (seq, half) = self.pending.pop_first()?;
+
         if let Some(conn) = half.conn
             && let Some(queues) = self.by_conn.get_mut(&conn)
         {
@@ -340,8 +401,8 @@ impl ServiceGraph {
 
     fn paired(&mut self, client: &Half, server: &Half, now: u64) {
         let key = EdgeKey {
-            client: client.service.clone(),
-            server: server.service.clone(),
+            client: client.service().to_owned(),
+            server: server.service().to_owned(),
             connection_type: "",
             virtual_node: None,
         };
@@ -350,10 +411,10 @@ impl ServiceGraph {
 
     fn unpaired(&mut self, half: Half, now: u64) {
         let is_client = half.kind == SpanKind::Client;
-        self.count_side(false, (is_client, half.service.clone()), now);
+        self.count_side(false, (is_client, half.service().to_owned()), now);
         if is_client {
             let key = EdgeKey {
-                client: half.service,
+                client: half.service().to_owned(),
                 server: half.server_address.unwrap_or_else(|| UNKNOWN_NODE.to_owned()),
                 connection_type: VIRTUAL_NODE,
                 virtual_node: Some("server"),
@@ -362,7 +423,7 @@ impl ServiceGraph {
         } else if half.root {
             let key = EdgeKey {
                 client: USER_NODE.to_owned(),
-                server: half.service,
+                server: half.service().to_owned(),
                 connection_type: VIRTUAL_NODE,
                 virtual_node: Some("client"),
             };

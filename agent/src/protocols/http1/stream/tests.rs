@@ -283,7 +283,7 @@ fn head_cut_by_a_gap_is_parsed_as_far_as_it_goes() {
     let r = request(&ev[0]);
     assert!(r.truncated);
     assert_eq!(r.headers.host.as_deref(), Some("example.com"));
-    assert_eq!(r.headers.names, ["host", "user-agent"]);
+    assert_eq!(r.headers.count, 2);
     assert!(s.is_open_ended());
     let ev = feed(&mut s, 6, b"GET /next HTTP/1.1\r\n\r\n");
     assert_eq!(ev[0], truncated_end(5, 0));

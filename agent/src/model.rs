@@ -1,11 +1,15 @@
 //! The span model every stage shares: correlate builds these, export encodes them.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
+
+/// An attribute key or string value: borrowed when it is a constant (every key tapwire sets,
+/// `http`, known methods), so that building a span does not allocate them.
+pub type Text = Cow<'static, str>;
 
 /// An attribute value, as in the OTLP `AnyValue` (the subset tapwire emits).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
-    Str(String),
+    Str(Text),
     Int(i64),
     Double(f64),
     Bool(bool),
@@ -13,12 +17,19 @@ pub enum Value {
 
 impl From<&str> for Value {
     fn from(v: &str) -> Self {
-        Value::Str(v.to_owned())
+        Value::Str(Cow::Owned(v.to_owned()))
     }
 }
 impl From<String> for Value {
     fn from(v: String) -> Self {
-        Value::Str(v)
+        Value::Str(Cow::Owned(v))
+    }
+}
+
+impl Value {
+    /// A constant string value, not copied.
+    pub const fn fixed(v: &'static str) -> Value {
+        Value::Str(Cow::Borrowed(v))
     }
 }
 impl From<i64> for Value {
@@ -45,11 +56,12 @@ impl std::fmt::Display for Value {
 
 /// Key/value pairs in the order they were added (OTLP keeps a list, not a map).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Attributes(pub Vec<(String, Value)>);
+pub struct Attributes(pub Vec<(Text, Value)>);
 
 impl Attributes {
-    pub fn push(&mut self, key: &str, value: impl Into<Value>) {
-        self.0.push((key.to_owned(), value.into()));
+    /// Adds `key` (a `&'static str` is not copied) with `value`.
+    pub fn push(&mut self, key: impl Into<Text>, value: impl Into<Value>) {
+        self.0.push((key.into(), value.into()));
     }
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)

@@ -343,7 +343,7 @@ fn check_span(span: &Span, tokens: &[Token]) -> Result<Vec<String>, String> {
             "trace_state" => expect_eq("trace_state", span.trace_state.clone(), want),
             k if k.starts_with("attr:") => {
                 let name = &k[5..];
-                let want = if !t.quoted && let Ok(i) = want.parse::<i64>() { Value::Int(i) } else { Value::Str(want) };
+                let want = if !t.quoted && let Ok(i) = want.parse::<i64>() { Value::Int(i) } else { Value::from(want) };
                 expect_eq(name, format!("{:?}", span.attributes.get(name)), format!("{:?}", Some(want)));
             }
             other => return Err(format!("unknown span field {other}")),

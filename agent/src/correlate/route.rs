@@ -158,7 +158,10 @@ impl RouteTable {
             Some(p) => (p.as_str().to_owned(), RouteSource::Configured),
             None => (templatize(path), RouteSource::Heuristic),
         };
-        let seen = self.seen.entry(service.to_owned()).or_default();
+        if !self.seen.contains_key(service) {
+            self.seen.insert(service.to_owned(), Default::default());
+        }
+        let Some(seen) = self.seen.get_mut(service) else { return (route, source) };
         if seen.contains(&route) {
             return (route, source);
         }

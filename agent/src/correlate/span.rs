@@ -9,7 +9,7 @@ use super::{Side, exchange::Exchange, trace::SpanIds};
 use crate::{
     capture::event::Endpoints,
     clock::Clock,
-    model::{Attributes, Resource, Span, SpanKind, Status},
+    model::{Attributes, Resource, Span, SpanKind, Status, Value},
     protocols::http1::KNOWN_METHODS,
 };
 
@@ -49,7 +49,7 @@ pub(crate) fn build(conn: &ConnView<'_>, ex: &Exchange, end_ts: u64, outcome: Ou
     let req = &ex.request;
     let mut a = Attributes::default();
     let method = normalise_method(&req.method);
-    a.push("http.request.method", method);
+    a.push("http.request.method", Value::fixed(method));
     if method == "_OTHER" {
         a.push("http.request.method_original", req.method.as_str());
     }
@@ -60,9 +60,9 @@ pub(crate) fn build(conn: &ConnView<'_>, ex: &Exchange, end_ts: u64, outcome: Ou
             if let Some(path) = path {
                 a.push("url.path", path);
             }
-            a.push("url.scheme", "http");
+            a.push("url.scheme", Value::fixed("http"));
             if has_query {
-                a.push("url.query", REDACTED);
+                a.push("url.query", Value::fixed(REDACTED));
             }
             if let Some(code) = status_code {
                 a.push("http.response.status_code", i64::from(code));
@@ -105,7 +105,7 @@ pub(crate) fn build(conn: &ConnView<'_>, ex: &Exchange, end_ts: u64, outcome: Ou
         a.push("network.local.address", ep.local.ip().to_string());
         a.push("network.local.port", i64::from(ep.local.port()));
     }
-    a.push("network.protocol.version", req.version.as_str());
+    a.push("network.protocol.version", Value::fixed(req.version.as_str()));
     if let Some(ua) = &req.headers.user_agent {
         a.push("user_agent.original", ua.as_str());
     }
@@ -119,7 +119,7 @@ pub(crate) fn build(conn: &ConnView<'_>, ex: &Exchange, end_ts: u64, outcome: Ou
         Side::Client => 400,
     };
     let status = if let Some(kind) = outcome.error_type() {
-        a.push("error.type", kind);
+        a.push("error.type", Value::fixed(kind));
         Status::Error {
             message: match outcome {
                 Outcome::Timeout => "no response before the connection went idle".into(),
@@ -158,8 +158,8 @@ fn body_size(n: u64) -> i64 {
 }
 
 /// Known methods as they are, anything else `_OTHER` (OpenTelemetry HTTP conventions).
-pub(crate) fn normalise_method(method: &str) -> &str {
-    if KNOWN_METHODS.contains(&method) { method } else { "_OTHER" }
+pub(crate) fn normalise_method(method: &str) -> &'static str {
+    KNOWN_METHODS.iter().find(|m| **m == method).copied().unwrap_or("_OTHER")
 }
 
 /// The path of a request target without query or fragment, and whether it had a query.

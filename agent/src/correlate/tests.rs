@@ -118,7 +118,7 @@ fn server_span_has_the_conventional_attributes() {
         ("http.response.body.size", 2i64.into()),
         ("http.route", "/api/items".into()),
     ];
-    let got: Vec<(&str, Value)> = s.attributes.0.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let got: Vec<(&str, Value)> = s.attributes.0.iter().map(|(k, v)| (k.as_ref(), v.clone())).collect();
     assert_eq!(got, expected);
     assert_eq!(s.parent_span_id, None);
     assert_eq!(s.flags, 1);

@@ -132,7 +132,7 @@ impl ProcResources {
         // The process's own declarations, then the agent's, for keys still free.
         for (k, v) in own.iter().chain(&self.extra) {
             if attributes.get(k).is_none() {
-                attributes.push(k, v.clone());
+                attributes.push(k.clone(), v.clone());
             }
         }
         (Resource { service_name, attributes }, missing_pod)

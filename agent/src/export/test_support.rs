@@ -251,7 +251,7 @@ pub fn span(resource: &Arc<Resource>, n: u32) -> Span {
     attributes.push("http.response.status_code", 200i64);
     attributes
         .0
-        .push(("tapwire.test.ratio".to_owned(), Value::Double(f64::from(n) / 4.0)));
+        .push(("tapwire.test.ratio".into(), Value::Double(f64::from(n) / 4.0)));
     attributes.push("tapwire.test.odd", n % 2 == 1);
     let mut trace_id = [0u8; 16];
     trace_id[..4].copy_from_slice(&n.to_be_bytes());

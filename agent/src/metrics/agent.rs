@@ -153,7 +153,7 @@ pub fn agent_metrics(
         data: Data::Sum { monotonic: true, points },
     };
     let plain = |value: u64| vec![point(Attributes::default(), value)];
-    let attr = |key: &str, value: &str| {
+    let attr = |key: &'static str, value: &str| {
         let mut a = Attributes::default();
         a.push(key, value);
         a
@@ -438,7 +438,7 @@ mod tests {
                     (
                         m.name.clone(),
                         m.unit.clone(),
-                        p.attributes.0.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
+                        p.attributes.0.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                         v,
                     )
                 })

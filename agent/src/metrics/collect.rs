@@ -66,10 +66,9 @@ impl Collectors {
         if span.kind == SpanKind::Server
             && let Some(crate::model::Value::Str(method)) = span.attributes.get("http.request.method")
         {
-            let method = method.clone();
             let known = self.served(&span.resource);
-            if !known.contains(&method) {
-                known.push(method);
+            if !known.iter().any(|m| m == method) {
+                known.push(method.to_string());
             }
         }
     }

@@ -213,7 +213,7 @@ impl Series {
 
     fn metrics(&self, now: u64) -> Vec<Metric> {
         let start = self.start_unix_nano.min(now);
-        let one = |key: &str, value: &str| {
+        let one = |key: &'static str, value: &str| {
             let mut a = Attributes::default();
             a.push(key, value);
             a

@@ -340,7 +340,7 @@ fn cgroup_resource(member: &Resource, dir: &Path) -> Resource {
     let mut attributes = Attributes::default();
     for (k, v) in &member.attributes.0 {
         if !k.starts_with("process.") && k != "service.instance.id" {
-            attributes.push(k, v.clone());
+            attributes.push(k.clone(), v.clone());
         }
     }
     let host = member.attributes.get("host.name").map_or_else(|| "unknown".to_owned(), Value::to_string);

@@ -93,8 +93,8 @@ fn key_to_attributes(key: &Key) -> Attributes {
     let mut out = Attributes::default();
     for (k, v) in key {
         match v {
-            KeyValue::Str(s) => out.push(k, s.as_str()),
-            KeyValue::Int(i) => out.push(k, *i),
+            KeyValue::Str(s) => out.push(*k, s.as_str()),
+            KeyValue::Int(i) => out.push(*k, *i),
         }
     }
     out
@@ -122,7 +122,7 @@ fn key_of(attributes: &Attributes, keys: &[&'static str]) -> Key {
             }
         } else {
             match v {
-                Value::Str(s) => KeyValue::Str(s.clone()),
+                Value::Str(s) => KeyValue::Str(s.to_string()),
                 other => KeyValue::Str(other.to_string()),
             }
         };

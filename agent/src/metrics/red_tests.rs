@@ -97,11 +97,11 @@ fn histograms(m: &Metric) -> &[HistogramPoint] {
 }
 
 fn attrs(pairs: &[(&str, Value)]) -> Attributes {
-    Attributes(pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect())
+    Attributes(pairs.iter().map(|(k, v)| ((*k).to_owned().into(), v.clone())).collect())
 }
 
 fn s(v: &str) -> Value {
-    Value::Str(v.into())
+    Value::from(v)
 }
 
 #[test]

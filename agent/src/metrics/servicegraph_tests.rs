@@ -321,7 +321,7 @@ fn metric_names_and_attributes_are_the_connectors() {
         vec![(TOTAL, "{request}"), (FAILED, "{request}"), (SERVER_S, "s"), (CLIENT_S, "s")]
     );
     let Data::Sum { points, monotonic: true } = &m[0].data else { panic!("a counter") };
-    let keys: Vec<&str> = points[0].attributes.0.iter().map(|(k, _)| k.as_str()).collect();
+    let keys: Vec<&str> = points[0].attributes.0.iter().map(|(k, _)| k.as_ref()).collect();
     assert_eq!(keys, ["client", "server", "connection_type"]);
     assert_eq!(points[0].start_unix_nano, S);
     assert_eq!(points[0].time_unix_nano, S);

@@ -77,7 +77,7 @@ impl KeepRules {
             return None;
         }
         let route = match span.attributes.get("http.route") {
-            Some(Value::Str(r)) => Some(r.as_str()),
+            Some(Value::Str(r)) => Some(r.as_ref()),
             _ => None,
         };
         let threshold = self.threshold_ns(&span.resource.service_name, route)?;

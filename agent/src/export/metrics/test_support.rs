@@ -196,7 +196,7 @@ pub fn resource(name: &str, extra: &[(&str, Value)]) -> Arc<Resource> {
     attributes.push("service.name", name);
     attributes.push("service.instance.id", format!("node-1:{}", name.len()));
     for (k, v) in extra {
-        attributes.0.push(((*k).to_owned(), v.clone()));
+        attributes.0.push(((*k).to_owned().into(), v.clone()));
     }
     Arc::new(Resource {
         service_name: name.to_owned(),
@@ -205,7 +205,7 @@ pub fn resource(name: &str, extra: &[(&str, Value)]) -> Arc<Resource> {
 }
 
 fn attrs(pairs: &[(&str, Value)]) -> Attributes {
-    Attributes(pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect())
+    Attributes(pairs.iter().map(|(k, v)| ((*k).to_owned().into(), v.clone())).collect())
 }
 
 /// Two resources (the first reported twice, as two producers would), one metric of each kind:

@@ -94,7 +94,7 @@ pub fn encode_attributes(attributes: &Attributes) -> Vec<KeyValue> {
         .0
         .iter()
         .map(|(key, value)| KeyValue {
-            key: key.clone(),
+            key: key.to_string(),
             value: Some(encode_value(value)),
             ..Default::default()
         })
@@ -104,7 +104,7 @@ pub fn encode_attributes(attributes: &Attributes) -> Vec<KeyValue> {
 /// `model::Value` -> `AnyValue`.
 pub fn encode_value(value: &Value) -> AnyValue {
     let v = match value {
-        Value::Str(s) => any_value::Value::StringValue(s.clone()),
+        Value::Str(s) => any_value::Value::StringValue(s.to_string()),
         Value::Int(i) => any_value::Value::IntValue(*i),
         Value::Double(d) => any_value::Value::DoubleValue(*d),
         Value::Bool(b) => any_value::Value::BoolValue(*b),
@@ -132,7 +132,7 @@ mod tests {
         attributes.push("http.request.method", "GET");
         attributes.push("http.response.status_code", 503i64);
         attributes.push("network.peer.tls", false);
-        attributes.0.push(("ratio".to_owned(), Value::Double(0.25)));
+        attributes.0.push(("ratio".into(), Value::Double(0.25)));
         Span {
             resource: resource.clone(),
             trace_id: [0xab; 16],

@@ -221,7 +221,7 @@ fn varint(out: &mut Vec<u8>, mut v: u64) {
 
 fn varint_len(v: u64) -> usize {
     // 1 byte per started group of 7 bits, at least one.
-    ((64 - (v | 1).leading_zeros() as usize) + 6) / 7
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 #[cfg(test)]
@@ -244,26 +244,26 @@ mod tests {
         a.push("http.request.method", "GET");
         a.push("url.path", "/a/".repeat(i as usize % 60));
         a.push("http.response.status_code", [200i64, 0, -1, i64::MIN, i64::MAX][i as usize % 5]);
-        a.push("network.peer.tls", i % 2 == 0);
-        a.0.push(("ratio".to_owned(), Value::Double([0.25, 0.0, -1.5][i as usize % 3])));
+        a.push("network.peer.tls", i.is_multiple_of(2));
+        a.0.push(("ratio".into(), Value::Double([0.25, 0.0, -1.5][i as usize % 3])));
         a.push("", "empty key");
         a.push("empty value", "");
         Span {
             resource: resource.clone(),
             trace_id: [i as u8; 16],
             span_id: [(i as u8).wrapping_add(1); 8],
-            parent_span_id: (i % 3 != 0).then_some([7; 8]),
-            trace_state: if i % 4 == 0 { String::new() } else { "vendor=x".into() },
+            parent_span_id: (!i.is_multiple_of(3)).then_some([7; 8]),
+            trace_state: if i.is_multiple_of(4) { String::new() } else { "vendor=x".into() },
             flags: (i % 2) as u8,
-            name: if i % 5 == 0 { String::new() } else { format!("GET /{i}") },
-            kind: if i % 2 == 0 { SpanKind::Server } else { SpanKind::Client },
-            start_unix_nano: if i % 7 == 0 { 0 } else { 1_700_000_000_000_000_000 + i },
-            end_unix_nano: if i % 11 == 0 { 0 } else { 1_700_000_000_000_000_500 + i * 1_000 },
+            name: if i.is_multiple_of(5) { String::new() } else { format!("GET /{i}") },
+            kind: if i.is_multiple_of(2) { SpanKind::Server } else { SpanKind::Client },
+            start_unix_nano: if i.is_multiple_of(7) { 0 } else { 1_700_000_000_000_000_000 + i },
+            end_unix_nano: if i.is_multiple_of(11) { 0 } else { 1_700_000_000_000_000_500 + i * 1_000 },
             attributes: a,
             status: match i % 3 {
                 0 => Status::Unset,
                 1 => Status::Ok,
-                _ => Status::Error { message: if i % 2 == 0 { String::new() } else { "no response".into() } },
+                _ => Status::Error { message: if i.is_multiple_of(2) { String::new() } else { "no response".into() } },
             },
         }
     }

@@ -63,7 +63,7 @@ fn gauge(name: &str, unit: &str, description: &str, points: Vec<NumberPoint>) ->
 
 fn point(pairs: &[(&str, Value)], value: Number) -> NumberPoint {
     NumberPoint {
-        attributes: Attributes(pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()),
+        attributes: Attributes(pairs.iter().map(|(k, v)| ((*k).to_owned().into(), v.clone())).collect()),
         start_unix_nano: 0,
         time_unix_nano: 1,
         value,

@@ -252,7 +252,7 @@ fn point_labels(base: &[(String, String)], attributes: &Attributes) -> Vec<(Stri
 fn merge_labels(attributes: &Attributes, skip: &[&str]) -> Vec<(String, String)> {
     let mut out: Vec<(String, Vec<(&str, String)>)> = Vec::new();
     for (key, value) in &attributes.0 {
-        if skip.contains(&key.as_str()) {
+        if skip.contains(&key.as_ref()) {
             continue;
         }
         let name = sanitize_label(key);

@@ -171,8 +171,14 @@ def spans_by_request(spans: list[dict], sent: list[dict]) -> tuple[dict, list[di
 
 
 # With header injection (the default) the client's sockets are in tapwire's sockhash when it is
-# killed; failed requests are reported but not yet asserted for that case (see below).
-@pytest.mark.parametrize("propagation", ["off", "headers"])
+# killed, and responses still queued in their psock are lost with it: a known failure (issue
+# #8), run and reported as such until it is fixed.
+KILL_LOSES_QUEUED_RESPONSES = pytest.mark.xfail(
+    reason="issue #8: kill -9 with header injection on loses responses queued in the sockhash's psock "
+           "(4 of 600 requests failed in a quiet CI run)", strict=False)
+
+
+@pytest.mark.parametrize("propagation", ["off", pytest.param("headers", marks=KILL_LOSES_QUEUED_RESPONSES)])
 def test_kill_9_under_load_and_restart(tapwire_bin, cgroup, fastapi_service, otlp_receiver,
                                        tmp_path, attach_log, propagation):
     """kill -9 of tapwire while a watched client sends 600 requests over 4 kept-alive
@@ -211,15 +217,7 @@ def test_kill_9_under_load_and_restart(tapwire_bin, cgroup, fastapi_service, otl
         killed_at = time.time_ns()
         load = client.results({"load"}, timeout=60)["load"]
         errors = [r for r in load if r["error"] or r["status"] != r["expected_status"]]
-        if propagation == "off":
-            assert errors == [], f"{len(errors)} of {len(load)} requests failed: {errors[:5]}"
-        else:
-            # Known limit, issue #8: with injection on, the client's sockets are in tapwire's
-            # sockhash, whose verdict program queues their received data in the socket's psock;
-            # when the agent dies the kernel frees the sockhash and the psock. In about 12 runs on a
-            # loaded machine 2 had failed requests (one: 4 of 600). Shown, not asserted, until fixed.
-            print(f"\nkill -9 with header injection on: {len(errors)} of {len(load)} requests failed"
-                  + (f": {errors[:3]}" if errors else ""))
+        assert errors == [], f"{len(errors)} of {len(load)} requests failed: {errors[:5]}"
         assert load[0]["start_ns"] < killed_at < load[-1]["end_ns"], "the kill missed the load"
         left = wait_until_unloaded(first_programs)
         assert left == {}, f"programs still loaded after kill -9: {sorted(left.values())}"

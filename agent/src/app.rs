@@ -135,6 +135,18 @@ fn attach_propagation(probes: &mut Probes, ids: &HashMap<u64, PathBuf>) -> anyho
     Ok(true)
 }
 
+/// Logs what [`Probes::maintain_pins`] did: each removal, and each pin kept, once.
+fn report_pins(reaped: capture::pin::Reaped, reported: &mut HashSet<PathBuf>) {
+    for path in reaped.removed {
+        tracing::info!(path = %path.display(), "removed the sockhash a stopped tapwire left pinned: no connection is left in it");
+    }
+    for (path, connections) in reaped.kept {
+        if reported.insert(path.clone()) {
+            tracing::info!(path = %path.display(), connections, "a stopped tapwire's sockhash still holds connections: kept until they close");
+        }
+    }
+}
+
 /// The kernel's form of the head sampler: (root 0 never | 1 always | 2 ratio, parent-based, T).
 fn kernel_sampler((root, parent_based, threshold): (u32, u32, u64)) -> tapwire_common::SamplerParams {
     let threshold = match root {
@@ -215,6 +227,9 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     let mut spans = Vec::new();
     let mut last_prune = Instant::now();
     let mut reported_lost = 0u64;
+    let mut pins_reported = HashSet::new();
+    report_pins(probes.maintain_pins(), &mut pins_reported);
+    let mut last_pin_check = Instant::now();
 
     loop {
         tokio::select! {
@@ -286,6 +301,10 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                     collectors.set_connections(correlator.connections(), correlator.buffered_bytes());
                     prometheus.update(collectors.snapshot(&ids, &mut resources, exporter.queue_len()));
                 }
+                if last_pin_check.elapsed() >= Duration::from_secs(5) {
+                    report_pins(probes.maintain_pins(), &mut pins_reported);
+                    last_pin_check = Instant::now();
+                }
                 if last_prune.elapsed() > Duration::from_secs(10) {
                     resources.prune();
                     selector.prune();
@@ -305,6 +324,16 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         }
     }
     drop(reader);
+    let left = probes.release_pin();
+    if left > 0 {
+        tracing::info!(
+            connections = left,
+            "propagated connections are still open: tapwire's sockhash stays pinned under {} with them, so they lose nothing; \
+             the next tapwire on this node removes it once they have closed",
+            capture::pin::DIR
+        );
+    }
+    report_pins(probes.maintain_pins(), &mut pins_reported);
     drop(probes);
     for span in spans.drain(..) {
         collectors.on_span(&span);

@@ -9,7 +9,7 @@
 //! never redirects, so the socket's data path is TCP's own.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_msg_pull_data, generated},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_msg_pull_data, generated},
     macros::{map, sk_msg, sock_ops, stream_verdict},
     maps::SockHash,
     programs::{SkBuffContext, SkMsgContext, SockOpsContext},
@@ -22,6 +22,8 @@ use crate::{
 };
 
 const SK_PASS: u32 = 1;
+/// Age past which an INFLIGHT entry is not the current syscall's.
+const STALE_NS: u64 = 1_000_000_000;
 const BPF_NOEXIST: u64 = 1;
 /// uapi: the active side of a connection reached ESTABLISHED.
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
@@ -61,6 +63,12 @@ pub fn client_sockets(ctx: SockOpsContext) -> u32 {
 /// upstream stops reading a response, epoll-driven clients stall. With a verdict program the
 /// kernel moves received data to the socket's psock queue, which FIONREAD, poll and recvmsg all
 /// see. The agent checks this on a loopback socket of its own before it attaches sock_ops.
+/// (Correcting FIONREAD at the ioctl's exit instead, with bpf_probe_write_user, is not possible
+/// under kernel lockdown, as on the platform tapwire is built on.)
+///
+/// The psock queue is freed when the socket leaves the sockhash, so the sockhash is pinned and
+/// outlives the agent (agent/src/capture/pin.rs): a stopped or killed tapwire never takes
+/// received data with it.
 #[stream_verdict]
 pub fn client_receive(_ctx: SkBuffContext) -> u32 {
     SK_PASS
@@ -82,9 +90,17 @@ fn try_inject(ctx: &SkMsgContext) {
     }
     // Only sends inside a syscall of a selected thread (its entry probe stored the syscall).
     // SAFETY: the fields are copied out at once.
-    let Some((direction, pipelined)) = unsafe { INFLIGHT.get(&pid_tgid) }.map(|i| (i.direction, i.pipelined)) else {
+    let Some((direction, pipelined, enter_ns)) =
+        unsafe { INFLIGHT.get(&pid_tgid) }.map(|i| (i.direction, i.pipelined, i.enter_ns))
+    else {
         return;
     };
+    // The entry is written by the send's own entry probe, microseconds ago. An old one is left
+    // from a syscall whose exit probe never ran: tapwire stopped while this sockhash (pinned)
+    // lives on, and no request is injected any more.
+    if unsafe { bpf_ktime_get_ns() }.wrapping_sub(enter_ns) > STALE_NS {
+        return;
+    }
     if direction != DIR_EGRESS || SEND_CTX.get_ptr(&pid_tgid).is_some() {
         return; // not a send, or a later chunk of a send already handled
     }

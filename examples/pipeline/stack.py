@@ -222,11 +222,14 @@ class Stack:
         """Stops everything that runs and removes the cgroups; returns what could not be cleaned
         up (empty when nothing is left)."""
         problems = []
+        # The services first: their connections close, which leaves tapwire's propagation
+        # sockhash empty, so that tapwire removes it at its stop (a sockhash still holding
+        # connections stays pinned for them; see the README's Safety section).
+        for p in reversed(self.procs):
+            p.service.stop()
         code = self.stop_agent()
         if self.agent is not None and self.agent.proc is not None and code not in (0, None):
             problems.append(f"tapwire exited with {code}\n{self.agent.diagnostics()}")
-        for p in reversed(self.procs):
-            p.service.stop()
         if self.receiver is not None:
             self.receiver.stop()
         if self.root_cgroup is not None and self.root_cgroup.exists():

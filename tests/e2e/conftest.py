@@ -25,7 +25,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -71,7 +71,7 @@ def require_root() -> None:
 
 
 @pytest.fixture(scope="session")
-def tapwire_bin(require_root) -> str:
+def tapwire_bin(require_root) -> Iterator[str]:
     path = os.environ.get("TAPWIRE_BIN", "")
     if not path:
         pytest.fail("TAPWIRE_BIN is not set: build the agent (cargo build --release) and set "
@@ -80,7 +80,12 @@ def tapwire_bin(require_root) -> str:
         pytest.fail(f"TAPWIRE_BIN={path!r} must be an absolute path", pytrace=False)
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
         pytest.fail(f"TAPWIRE_BIN={path!r} is not an executable file", pytrace=False)
-    return path
+    yield path
+    # Agents that tests killed, or stopped while propagated connections were open, leave their
+    # sockhash pinned (agent/src/capture/pin.rs); every test process is gone by now, so those
+    # are empty: remove them rather than leave them to the machine's next tapwire.
+    for pin in procs.PIN_DIR.glob("client_socks_*"):
+        pin.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ so a failing test can show it (conftest.py attaches the tails to the failure rep
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -336,6 +337,26 @@ def programs_of(pid: int) -> set[int]:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return ids
+
+
+def wait_until_only(ids: set[int], names: set[str], timeout: float = 10.0) -> dict[int, str]:
+    """Waits until, of `ids`, only programs named `names` are loaded; returns those loaded."""
+    deadline = time.monotonic() + timeout
+    left = {i: n for i, n in loaded_programs().items() if i in ids}
+    while set(left.values()) - names and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = {i: n for i, n in loaded_programs().items() if i in ids}
+    return left
+
+
+PIN_DIR = Path("/sys/fs/bpf/tapwire")
+PIN_LOG = re.compile(r"propagation sockhash pinned.* path=(\S+)")
+
+
+def pin_of(agent: "TapwireProcess") -> Path | None:
+    """Where the agent pinned its propagation sockhash (from its log), if it did."""
+    found = PIN_LOG.search(agent.stderr())
+    return Path(found.group(1)) if found else None
 
 
 def wait_until_unloaded(ids: set[int], timeout: float = 10.0) -> dict[int, str]:

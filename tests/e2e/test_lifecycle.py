@@ -1,7 +1,10 @@
-"""Start and stop: tapwire leaves nothing attached behind it, after SIGTERM and after kill -9.
+"""Start and stop: what tapwire leaves behind it, after SIGTERM and after kill -9.
 
-Attachments are file descriptors owned by the agent (nothing is pinned), so the kernel frees
-every program when the process goes away, however it goes away. This checks it with bpftool.
+Attachments are file descriptors owned by the agent, so the kernel frees every program when the
+process goes away, however it goes away, with one exception: the propagation sockhash is pinned
+in bpffs (agent/src/capture/pin.rs), so that the connections in it lose no received data, and it
+keeps its two message programs until no connection is left in it and a tapwire removes the pin:
+the agent itself at a clean stop, or the next one on the node. This checks it with bpftool.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import pytest
 
 import cgroupfs
 import procs
-from procs import loaded_programs, programs_of, wait_until_unloaded
+from procs import loaded_programs, pin_of, programs_of, wait_until_only, wait_until_unloaded
 
 # Program names as bpftool shows them (from BTF, so not cut to 15 characters).
 HOOKS = [
@@ -33,6 +36,8 @@ HOOKS = [
     # Context propagation (on by default): sock_ops on the cgroup, sk_msg and sk_skb on its sockhash.
     "client_sockets", "inject_traceparent", "client_receive",
 ]
+# What the pinned sockhash keeps loaded after a kill -9, until the next tapwire removes its pin.
+PINNED = {"inject_traceparent", "client_receive"}
 
 
 def start_agent(tapwire_bin, cgroup_path, tmp_path, label) -> tuple[procs.TapwireProcess, set[int]]:
@@ -54,17 +59,34 @@ def start_agent(tapwire_bin, cgroup_path, tmp_path, label) -> tuple[procs.Tapwir
 
 def test_sigterm_detaches_everything(tapwire_bin, cgroup, tmp_path):
     agent, ids = start_agent(tapwire_bin, cgroup("lifecycle-term"), tmp_path, "tapwire-term")
+    pin = pin_of(agent)
+    assert pin is not None and pin.exists(), agent.diagnostics()
     assert agent.stop() == 0, agent.diagnostics()
     left = wait_until_unloaded(ids)
     assert left == {}, f"programs still loaded after SIGTERM: {sorted(left.values())}"
+    assert not pin.exists(), "the sockhash pin outlived a clean stop with no connection in it"
 
 
-def test_kill_9_leaves_nothing_attached(tapwire_bin, cgroup, tmp_path):
-    agent, ids = start_agent(tapwire_bin, cgroup("lifecycle-kill"), tmp_path, "tapwire-kill")
+def test_kill_9_leaves_only_the_pinned_sockhash_until_the_next_agent(tapwire_bin, cgroup, tmp_path):
+    cg = cgroup("lifecycle-kill")
+    agent, ids = start_agent(tapwire_bin, cg, tmp_path, "tapwire-kill")
+    pin = pin_of(agent)
+    assert pin is not None, agent.diagnostics()
     agent.proc.send_signal(signal.SIGKILL)
     assert agent.proc.wait(10) == -signal.SIGKILL
-    left = wait_until_unloaded(ids)
-    assert left == {}, f"programs still loaded after kill -9: {sorted(left.values())}"
+    left = wait_until_only(ids, PINNED)
+    assert sorted(left.values()) == sorted(PINNED), f"after kill -9: {sorted(left.values())}"
+    assert pin.exists()
+    # The next agent finds the sockhash empty and removes it, which frees the rest.
+    second, second_ids = start_agent(tapwire_bin, cg, tmp_path, "tapwire-kill-next")
+    try:
+        left = wait_until_unloaded(ids)
+        assert left == {}, f"the first agent's programs outlived the next agent's start: {sorted(left.values())}"
+        assert not pin.exists()
+        assert "removed the sockhash a stopped tapwire left pinned" in second.stderr()
+    finally:
+        assert second.stop() == 0, second.diagnostics()
+    assert wait_until_unloaded(second_ids) == {}
 
 
 # ---- kill -9 under load, then a restart on the same connections ---------------------------------
@@ -170,15 +192,7 @@ def spans_by_request(spans: list[dict], sent: list[dict]) -> tuple[dict, list[di
     return matched, stray
 
 
-# With header injection (the default) the client's sockets are in tapwire's sockhash when it is
-# killed, and responses still queued in their psock are lost with it: a known failure (issue
-# #8), run and reported as such until it is fixed.
-KILL_LOSES_QUEUED_RESPONSES = pytest.mark.xfail(
-    reason="issue #8: kill -9 with header injection on loses responses queued in the sockhash's psock "
-           "(4 of 600 requests failed in a quiet CI run)", strict=False)
-
-
-@pytest.mark.parametrize("propagation", ["off", pytest.param("headers", marks=KILL_LOSES_QUEUED_RESPONSES)])
+@pytest.mark.parametrize("propagation", ["off", "headers"])
 def test_kill_9_under_load_and_restart(tapwire_bin, cgroup, fastapi_service, otlp_receiver,
                                        tmp_path, attach_log, propagation):
     """kill -9 of tapwire while a watched client sends 600 requests over 4 kept-alive
@@ -219,8 +233,9 @@ def test_kill_9_under_load_and_restart(tapwire_bin, cgroup, fastapi_service, otl
         errors = [r for r in load if r["error"] or r["status"] != r["expected_status"]]
         assert errors == [], f"{len(errors)} of {len(load)} requests failed: {errors[:5]}"
         assert load[0]["start_ns"] < killed_at < load[-1]["end_ns"], "the kill missed the load"
-        left = wait_until_unloaded(first_programs)
-        assert left == {}, f"programs still loaded after kill -9: {sorted(left.values())}"
+        pinned = PINNED if propagation == "headers" else set()
+        left = wait_until_only(first_programs, pinned)
+        assert sorted(left.values()) == sorted(pinned), f"loaded after kill -9: {sorted(left.values())}"
 
         # 2. A new agent starts with one request in flight on connection 0 and requests
         # going on over connections 1-3 (5 per second: also keeping them from idling out),
@@ -233,6 +248,7 @@ def test_kill_9_under_load_and_restart(tapwire_bin, cgroup, fastapi_service, otl
         time.sleep(0.5)
         second = start_agent("tapwire-second")
         ready_at = time.time_ns()
+        second_programs = programs_of(second.pid)
         results = client.results({"in-flight", "across"}, timeout=IN_FLIGHT_DELAY_MS / 1000 + 60)
         in_flight = results["in-flight"][0]
         assert in_flight["end_ns"] > ready_at, \
@@ -251,7 +267,14 @@ def test_kill_9_under_load_and_restart(tapwire_bin, cgroup, fastapi_service, otl
             "a connection was reopened: the test must run on connections opened before"
 
         time.sleep(2)  # the exporter's schedule delay is 200 ms
+        # The connections close, which empties the first agent's sockhash: the second agent
+        # removes its pin (on its 5 s round, or at its stop), and its own at its clean stop.
+        client.close()
         assert second.stop() == 0, second.diagnostics()
+        left = wait_until_unloaded(first_programs | second_programs)
+        assert left == {}, f"loaded after the connections closed and tapwire stopped: {sorted(left.values())}"
+        pins = [pin_of(a) for a in agents]
+        assert not [p for p in pins if p is not None and p.exists()], pins
     finally:
         if client is not None:
             client.close()

@@ -4,6 +4,7 @@
 pub mod caps;
 pub mod check;
 pub mod event;
+pub mod pin;
 pub mod probes;
 pub mod ring;
 pub mod sockcheck;

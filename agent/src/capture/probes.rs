@@ -100,12 +100,16 @@ pub struct ProgramRunStats {
 }
 
 /// The loaded object. Dropping it detaches every program: attachments are file descriptors
-/// held by this process (nothing is pinned), so even a kill -9 leaves nothing attached.
+/// held by this process, so even a kill -9 leaves nothing attached, with one exception: the
+/// propagation sockhash is pinned (see [`super::pin`]) and keeps its two message programs, and
+/// the sockets in it, until no connection is left in it.
 pub struct Probes {
     ebpf: Ebpf,
     /// cgroup directories the sock_ops program is attached to.
     propagation_cgroups: HashSet<PathBuf>,
     propagation_loaded: bool,
+    /// Where the propagation sockhash is pinned, if it is.
+    pin: Option<PathBuf>,
 }
 
 impl Probes {
@@ -125,7 +129,7 @@ impl Probes {
             .override_global(names::PAYLOAD_CAP, &cap, true)
             .load(OBJECT)
             .map_err(CaptureError::Load)?;
-        let mut probes = Probes { ebpf, propagation_cgroups: HashSet::new(), propagation_loaded: false };
+        let mut probes = Probes { ebpf, propagation_cgroups: HashSet::new(), propagation_loaded: false, pin: None };
         probes.set_sampler(SamplerParams::DEFAULT)?;
         Ok(probes)
     }
@@ -209,7 +213,63 @@ impl Probes {
             return Err(CaptureError::PropagationUnsafe(reason));
         }
         self.propagation_loaded = true;
+        match self.pin_sockhash() {
+            Ok(path) => {
+                tracing::info!(path = %path.display(), "propagation sockhash pinned: connections in it outlive a stop or kill of tapwire");
+                self.pin = Some(path);
+            }
+            Err(e) => tracing::warn!(
+                "the propagation sockhash is not pinned ({e}): if tapwire stops or is killed, responses that \
+                 propagated connections have received but not yet read are lost"
+            ),
+        }
         Ok(())
+    }
+
+    /// The propagation sockhash as a typed map.
+    fn client_socks(&self) -> Result<SockHash<&MapData, u64>, String> {
+        let map = self.ebpf.map(names::CLIENT_SOCKS).ok_or("the sockhash is missing")?;
+        SockHash::try_from(map).map_err(|e| e.to_string())
+    }
+
+    /// Pins the propagation sockhash under [`super::pin::DIR`], named by its map id.
+    fn pin_sockhash(&self) -> Result<PathBuf, String> {
+        super::pin::ensure_dir()?;
+        let map = self.ebpf.map(names::CLIENT_SOCKS).ok_or("the sockhash is missing")?;
+        let aya::maps::Map::SockHash(data) = map else { return Err("CLIENT_SOCKS is not a sockhash".into()) };
+        let id = data.info().map_err(|e| e.to_string())?.id();
+        let path = super::pin::path_for(id);
+        map.pin(&path).map_err(|e| format!("pinning at {}: {}", path.display(), crate::capture::check::error_chain(&e)))?;
+        Ok(path)
+    }
+
+    /// Pins again if the pin was removed, and removes the pins of sockhashes other tapwire
+    /// processes left with no connection in them.
+    pub fn maintain_pins(&mut self) -> super::pin::Reaped {
+        if let Some(path) = &self.pin
+            && !path.exists()
+            && let Err(e) = self.pin_sockhash()
+        {
+            tracing::warn!("the propagation sockhash pin was removed and cannot be made again: {e}");
+            self.pin = None;
+        }
+        super::pin::reap(self.pin.as_deref())
+    }
+
+    /// At a clean stop: removes this agent's pin when no connection is in the sockhash (then
+    /// nothing of tapwire stays loaded), or keeps it, so that the connections still in it lose
+    /// nothing. Returns the sockets left in it.
+    pub fn release_pin(&mut self) -> usize {
+        let Some(path) = self.pin.take() else { return 0 };
+        // No socket may join between the count and the exit.
+        if let Some(Ok(ops)) = self.ebpf.program_mut(PROPAGATION_HOOKS[0].0).map(<&mut SockOps>::try_from) {
+            let _ = ops.unload();
+        }
+        let left = self.client_socks().map(|s| super::pin::members(&s)).unwrap_or(0);
+        if left == 0 {
+            let _ = std::fs::remove_file(&path);
+        }
+        left
     }
 
     /// Runs [`sockcheck::check`] with the propagation sockhash.

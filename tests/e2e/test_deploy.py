@@ -231,14 +231,16 @@ def test_default_overlay_is_least_privilege(rendered):
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["hostPID"] is True
     assert not pod.get("hostNetwork", False) and not pod.get("hostIPC", False)
-    # No SYS_ADMIN, so tracefs is the host's, mounted in; cgroupfs and BTF read-only. The only
-    # other volume is the configuration file.
+    # No SYS_ADMIN, so tracefs is the host's, mounted in; cgroupfs and BTF read-only; the
+    # host's bpffs writable (the propagation sockhash is pinned there). The only other volume
+    # is the configuration file.
     volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
     mounts = {m["mountPath"]: (volumes[m["name"]], m.get("readOnly", False))
               for m in c["volumeMounts"] if m["name"] in volumes}
     assert mounts == {"/sys/kernel/tracing": ("/sys/kernel/tracing", True),
                       "/sys/fs/cgroup": ("/sys/fs/cgroup", True),
-                      "/sys/kernel/btf": ("/sys/kernel/btf", True)}
+                      "/sys/kernel/btf": ("/sys/kernel/btf", True),
+                      "/sys/fs/bpf": ("/sys/fs/bpf", False)}
     assert [v["name"] for v in pod["volumes"] if "hostPath" not in v] == ["config"]
     assert pod["tolerations"] == [{"operator": "Exists"}]
     assert c["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"},
@@ -551,6 +553,14 @@ def ensure_tracefs() -> None:
         ok(run(["mount", "-t", "tracefs", "tracefs", "/sys/kernel/tracing"]))
 
 
+def ensure_bpffs() -> None:
+    """The default overlay mounts the node's bpffs; make sure this node has one mounted (as
+    systemd does at boot)."""
+    mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
+    if not any(m[1] == "/sys/fs/bpf" and m[2] == "bpf" for m in mounts):
+        ok(run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"]))
+
+
 def capability_wrapper(security_context: dict, drop: set[str] = frozenset()) -> list[str]:
     """setpriv arguments that give a root process the container's capabilities and no more.
 
@@ -565,10 +575,11 @@ def capability_wrapper(security_context: dict, drop: set[str] = frozenset()) -> 
         caps, no_new_privs=security_context.get("allowPrivilegeEscalation") is False)
 
 
-# Runs "$@" in a private mount namespace where every mount is read-only (stricter than the
-# container, whose /dev/shm stays writable; the test's own processes are unaffected).
+# Runs "$@" in a private mount namespace where every mount is read-only but bpffs, which the
+# DaemonSet mounts writable (stricter than the container, whose /dev/shm stays writable; the
+# test's own processes are unaffected).
 _READ_ONLY_MOUNTS = ('for m in $(awk \'{print $2}\' /proc/self/mounts | sort -u); do '
-                     'mount -o remount,bind,ro "$m" 2>/dev/null; done; exec "$@"')
+                     '[ "$m" = /sys/fs/bpf ] || mount -o remount,bind,ro "$m" 2>/dev/null; done; exec "$@"')
 
 
 # A node without tracefs mounted, as the container sees it: an empty directory (a read-only
@@ -673,6 +684,7 @@ def stop_agent(agent: procs.TapwireProcess) -> None:
 def test_rendered_daemonset_starts_the_agent(rendered, overlay, tapwire_bin, cgroup,
                                              otlp_receiver, attach_log, tmp_path):
     ensure_tracefs()
+    ensure_bpffs()
     cg = cgroup(f"deploy-{overlay}")
     port = procs.free_port()
 
@@ -698,6 +710,9 @@ def test_rendered_daemonset_starts_the_agent(rendered, overlay, tapwire_bin, cgr
         with http_session() as session:
             response = session.get(f"http://127.0.0.1:{port}{path}", timeout=5)
         assert response.status_code == 200, f"GET {path}: {response.status_code} {response.text!r}"
+        # With the manifest's capabilities and mounts, the propagation sockhash is pinned.
+        pin = procs.pin_of(agent)
+        assert pin is not None and pin.exists(), agent.diagnostics()
     finally:
         stop_agent(agent)
 

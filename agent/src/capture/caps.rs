@@ -68,11 +68,12 @@ pub const CAPABILITIES: &[Capability] = &[
     Capability {
         name: "CAP_SYS_ADMIN",
         bit: SYS_ADMIN,
-        purpose: "mount tracefs when it is not mounted, enter other network namespaces for the accept-queue limit \
+        purpose: "mount tracefs and bpffs when they are not mounted, enter other network namespaces for the accept-queue limit \
                   of their listeners, and turn on the eBPF programs' run-time statistics",
         need: Need::TracefsMount(
             "tapwire leaves out the accept-queue limit of services in other network namespaces and the eBPF \
-             programs' run counts and times (unless the node sets sysctl kernel.bpf_stats_enabled=1)",
+             programs' run counts and times (unless the node sets sysctl kernel.bpf_stats_enabled=1), and cannot \
+             mount bpffs for the propagation sockhash where the node has none at /sys/fs/bpf",
         ),
     },
 ];

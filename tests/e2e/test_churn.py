@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 import cgroupfs
 import procs
 from test_metrics import scrape_metrics
@@ -105,6 +107,7 @@ def gauge(port: int, name: str) -> float:
     return value
 
 
+@pytest.mark.timeout(CHURN_MINUTES * 60 + 240)
 def test_service_churn(cgroup, start_in_cgroup, tapwire, otlp_receiver, attach_log):
     parent = cgroup("churn")
     home = parent / "server"

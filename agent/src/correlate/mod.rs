@@ -17,7 +17,7 @@ mod span;
 mod table;
 pub(crate) mod trace;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use rand::{SeedableRng, rngs::SmallRng};
 
@@ -115,7 +115,7 @@ pub(crate) struct Ctx {
     /// Tells a CLIENT request's own `traceparent` passed on from one the application made
     /// (see [`trace::kernel_span_ids`]). Bounded: when full it is emptied, and CLIENT spans
     /// fall back to the rule that needs no knowledge of the server request.
-    server_parents: HashMap<[u8; 8], Option<[u8; 8]>>,
+    server_parents: crate::FastMap<[u8; 8], Option<[u8; 8]>>,
 }
 
 /// Bound of [`Ctx::server_parents`]: far above the requests one node serves at once.
@@ -221,7 +221,7 @@ impl Correlator {
                 log_evict: RateLimit::new(LOG_EVERY),
                 log_traceparent: RateLimit::new(LOG_EVERY),
                 routes,
-                server_parents: HashMap::new(),
+                server_parents: crate::FastMap::default(),
             },
         }
     }

@@ -2,14 +2,16 @@
 //! both walk it from the oldest end.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     hash::Hash,
 };
+
+use crate::FastMap;
 
 /// Entries ordered by last use. Every operation is O(log n).
 #[derive(Debug)]
 pub(crate) struct LruTable<K, V> {
-    map: HashMap<K, (u64, V)>,
+    map: FastMap<K, (u64, V)>,
     /// use sequence number -> key; the first entry is the least recently used.
     order: BTreeMap<u64, K>,
     next: u64,
@@ -17,7 +19,7 @@ pub(crate) struct LruTable<K, V> {
 
 impl<K: Hash + Eq + Clone, V> LruTable<K, V> {
     pub fn new() -> Self {
-        LruTable { map: HashMap::new(), order: BTreeMap::new(), next: 0 }
+        LruTable { map: FastMap::default(), order: BTreeMap::new(), next: 0 }
     }
 
     pub fn len(&self) -> usize {

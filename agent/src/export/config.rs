@@ -308,8 +308,8 @@ pub(crate) fn otlp_config(env: Env<'_>, signal: &SignalVars) -> Result<OtlpConfi
             "none" => Compression::None,
             _ => return Err(ConfigError::UnknownCompression { var, value }),
         },
-        // The product's choice: gzip over gRPC unless told otherwise; the spec's `none` for HTTP.
-        None if protocol == Protocol::Grpc => Compression::Gzip,
+        // The specification's default. gzip (level 6 in tonic, not adjustable) took ~14% of the
+        // agent's CPU at 20k requests/s; it pays where the collector is across a costly network.
         None => Compression::None,
     };
 

@@ -51,7 +51,7 @@ fn port_picks_protocol_when_unset() {
     let o = otlp(&[(ENDPOINT, "http://collector:4317")]);
     assert_eq!(o.protocol, Protocol::Grpc);
     assert_eq!(o.endpoint, "http://collector:4317", "gRPC uses the endpoint without a path");
-    assert_eq!(o.compression, Compression::Gzip, "gzip is the default over gRPC");
+    assert_eq!(o.compression, Compression::None, "the spec's default, over gRPC too");
     let o = otlp(&[(ENDPOINT, "http://collector:4318")]);
     assert_eq!(o.protocol, Protocol::HttpProtobuf);
     // The traces endpoint's port decides, not the generic one's.
@@ -77,8 +77,10 @@ fn explicit_protocol_beats_port_and_traces_var_wins() {
 }
 
 #[test]
-fn compression_none_over_grpc_and_gzip_over_http() {
-    let o = otlp(&[(ENDPOINT, "http://c:4317"), (COMPRESSION, "none")]);
+fn compression_gzip_over_grpc_and_over_http() {
+    let o = otlp(&[(ENDPOINT, "http://c:4317"), (COMPRESSION, "gzip")]);
+    assert_eq!(o.compression, Compression::Gzip);
+    let o = otlp(&[(ENDPOINT, "http://c:4317"), (COMPRESSION, "GZIP"), (TRACES_COMPRESSION, "none")]);
     assert_eq!(o.compression, Compression::None);
     let o = otlp(&[(ENDPOINT, "http://c:4318"), (COMPRESSION, "none"), (TRACES_COMPRESSION, "gzip")]);
     assert_eq!(o.compression, Compression::Gzip);

@@ -38,7 +38,7 @@
 //! series idle for [`ServiceGraphConfig::idle_expiry`] are dropped.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -293,7 +293,7 @@ pub struct ServiceGraph {
     /// Waiting spans of each connection, in arrival order: client spans, server spans. A span
     /// looks for its other half among the other kind only, so spans whose peer is not watched
     /// (a whole queue of one kind) cost nothing to the spans after them.
-    by_conn: HashMap<ConnKey, ConnQueues>,
+    by_conn: crate::FastMap<ConnKey, ConnQueues>,
     /// Arrival times never go backwards (a wall-clock step would break the expiry order).
     last_now: u64,
     edges: BTreeMap<EdgeKey, EdgeSeries>,
@@ -308,7 +308,7 @@ impl ServiceGraph {
             config,
             counters,
             pending: Pending::default(),
-            by_conn: HashMap::new(),
+            by_conn: crate::FastMap::default(),
             last_now: 0,
             edges: BTreeMap::new(),
             overflow: None,

@@ -93,7 +93,7 @@ pub struct Selector {
     cgroups: HashMap<u64, PathBuf>,
     /// Pod cgroups whose pod metadata is not known yet (re-checked every tick).
     waiting_for_pods: usize,
-    verdicts: HashMap<u32, (Verdict, Instant)>,
+    verdicts: crate::FastMap<u32, (Verdict, Instant)>,
     applied_cgroups: HashMap<u64, u32>,
     applied_tgids: HashMap<u32, u32>,
     dirty: bool,
@@ -109,7 +109,7 @@ impl Selector {
             proc_root: PathBuf::from("/proc"),
             cgroups: HashMap::new(),
             waiting_for_pods: 0,
-            verdicts: HashMap::new(),
+            verdicts: crate::FastMap::default(),
             applied_cgroups: HashMap::new(),
             applied_tgids: HashMap::new(),
             dirty: true,

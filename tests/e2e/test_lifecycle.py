@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -77,6 +78,11 @@ def test_kill_9_leaves_only_the_pinned_sockhash_until_the_next_agent(tapwire_bin
     left = wait_until_only(ids, PINNED)
     assert sorted(left.values()) == sorted(PINNED), f"after kill -9: {sorted(left.values())}"
     assert pin.exists()
+    # `tapwire check` tells the operator what is pinned.
+    check = subprocess.run([tapwire_bin, "check"], capture_output=True, text=True, timeout=120,
+                           env=procs.base_env({}))
+    line = re.search(r"^\[ok  \] bpffs\s+mounted at /sys/fs/bpf; (\d+) sockhash\(es\) pinned", check.stdout, re.M)
+    assert line and int(line.group(1)) >= 1, check.stdout
     # The next agent finds the sockhash empty and removes it, which frees the rest.
     second, second_ids = start_agent(tapwire_bin, cg, tmp_path, "tapwire-kill-next")
     try:

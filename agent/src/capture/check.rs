@@ -15,6 +15,27 @@ pub struct Line {
     pub detail: String,
 }
 
+/// Where the propagation sockhash would be pinned, and what stopped tapwire processes left there.
+fn bpffs_detail() -> String {
+    use super::pin::{BPFFS, DIR, is_bpffs, pins};
+    if !is_bpffs(BPFFS) {
+        return format!(
+            "not mounted at {BPFFS}: tapwire mounts it when it holds CAP_SYS_ADMIN; otherwise the propagation \
+             sockhash is not pinned, and stopping tapwire loses responses in flight on propagated connections \
+             (mount it: mount -t bpf bpf {BPFFS})"
+        );
+    }
+    let left = pins(None);
+    let connections: usize = left.iter().filter_map(|(_, n)| *n).sum();
+    match left.len() {
+        0 => format!("mounted at {BPFFS}; no sockhash pinned under {DIR}"),
+        n => format!(
+            "mounted at {BPFFS}; {n} sockhash(es) pinned under {DIR} holding {connections} connection(s) \
+             (a running tapwire's, or left by stopped ones until their connections close)"
+        ),
+    }
+}
+
 /// Runs every check. Returns the lines and whether tapwire can run here.
 pub fn run() -> (Vec<Line>, bool) {
     let mut lines = Vec::new();
@@ -53,6 +74,7 @@ pub fn run() -> (Vec<Line>, bool) {
             false
         }
     };
+    push(super::pin::is_bpffs(super::pin::BPFFS), false, "bpffs", bpffs_detail());
     if let Some(set) = effective {
         for (ok, required, what, detail) in caps::report(set, (major, minor), tracefs_mounted) {
             push(ok, required, &what, detail);

@@ -29,7 +29,7 @@ const PREFIX: &str = "client_socks_";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Whether `path` is on a bpffs.
-fn is_bpffs(path: &str) -> bool {
+pub fn is_bpffs(path: &str) -> bool {
     let Ok(c) = CString::new(path) else { return false };
     // SAFETY: a valid C string and an out-parameter of the right type.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
@@ -73,20 +73,28 @@ pub struct Reaped {
     pub kept: Vec<(PathBuf, usize)>,
 }
 
+/// The sockhash pins under [`DIR`] other than `own`, with the sockets in each (None: not a
+/// sockhash tapwire can read).
+pub fn pins(own: Option<&Path>) -> Vec<(PathBuf, Option<usize>)> {
+    let Ok(entries) = std::fs::read_dir(DIR) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|e| Some(e.path().as_path()) != own && e.file_name().as_bytes().starts_with(PREFIX.as_bytes()))
+        .map(|e| {
+            let count = MapData::from_pin(e.path())
+                .ok()
+                .and_then(|data| Map::from_map_data(data).ok())
+                .and_then(|map| SockHash::<MapData, u64>::try_from(map).ok())
+                .map(|socks| members(&socks));
+            (e.path(), count)
+        })
+        .collect()
+}
+
 /// Removes the pins under [`DIR`], other than `own`, whose sockhash holds no socket.
 pub fn reap(own: Option<&Path>) -> Reaped {
     let mut out = Reaped::default();
-    let Ok(entries) = std::fs::read_dir(DIR) else { return out };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if Some(path.as_path()) == own || !entry.file_name().as_bytes().starts_with(PREFIX.as_bytes()) {
-            continue;
-        }
-        let count = MapData::from_pin(&path)
-            .ok()
-            .and_then(|data| Map::from_map_data(data).ok())
-            .and_then(|map| SockHash::<MapData, u64>::try_from(map).ok())
-            .map(|socks| members(&socks));
+    for (path, count) in pins(own) {
         match count {
             Some(0) if std::fs::remove_file(&path).is_ok() => out.removed.push(path),
             Some(0) => {}

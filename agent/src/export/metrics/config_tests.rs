@@ -70,7 +70,7 @@ fn metrics_variables_win_over_generic_ones() {
     let o = otlp(&[(ENDPOINT, "http://generic:4317"), (HEADERS, "a=1"), (TIMEOUT, "700")]);
     assert_eq!(o.endpoint, "http://generic:4317");
     assert_eq!(o.protocol, Protocol::Grpc);
-    assert_eq!(o.compression, Compression::Gzip);
+    assert_eq!(o.compression, Compression::None, "the specification's default");
     assert_eq!(o.headers, vec![("a".to_owned(), "1".to_owned())]);
     assert_eq!(o.timeout, Duration::from_millis(700));
     let o = otlp(&[(METRICS_ENDPOINT, "http://m:4317"), (METRICS_PROTOCOL, "grpc")]);

@@ -7,8 +7,8 @@ so a failing test can show it (conftest.py attaches the tails to the failure rep
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import requests
 
@@ -326,17 +327,37 @@ def loaded_programs() -> dict[int, str]:
     return {p["id"]: p.get("name", "") for p in json.loads(out or "[]")}
 
 
-def programs_of(pid: int) -> set[int]:
-    """Ids of the eBPF programs a process holds file descriptors of (from /proc/PID/fdinfo)."""
-    ids = set()
+def fd_object_ids(pid: int, kind: str) -> set[int]:
+    """Ids of the eBPF objects of `kind` ("prog" or "map") a process holds file descriptors of
+    (from /proc/PID/fdinfo)."""
+    ids, prefix = set(), f"{kind}_id:"
     for fdinfo in Path(f"/proc/{pid}/fdinfo").iterdir():
         try:
             for line in fdinfo.read_text().splitlines():
-                if line.startswith("prog_id:"):
+                if line.startswith(prefix):
                     ids.add(int(line.split()[1]))
         except (FileNotFoundError, ProcessLookupError):
             continue
     return ids
+
+
+def programs_of(pid: int) -> set[int]:
+    """Ids of the eBPF programs a process holds file descriptors of."""
+    return fd_object_ids(pid, "prog")
+
+
+def wait_for_server(ready: Callable[[], object], proc: subprocess.Popen, what: str,
+                    timeout: float = 30.0) -> None:
+    """Calls `ready` until it returns without OSError (connection refused: not listening yet),
+    failing if `proc` exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ready()
+            return
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, f"{what} not up"
+            time.sleep(0.1)
 
 
 def wait_until_only(ids: set[int], names: set[str], timeout: float = 10.0) -> dict[int, str]:
@@ -361,9 +382,4 @@ def pin_of(agent: "TapwireProcess") -> Path | None:
 
 def wait_until_unloaded(ids: set[int], timeout: float = 10.0) -> dict[int, str]:
     """Waits until none of `ids` is loaded any more; returns those still loaded."""
-    deadline = time.monotonic() + timeout
-    left = {i: n for i, n in loaded_programs().items() if i in ids}
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = {i: n for i, n in loaded_programs().items() if i in ids}
-    return left
+    return wait_until_only(ids, set(), timeout)

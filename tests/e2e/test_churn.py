@@ -70,15 +70,8 @@ sys.exit(0 if reply.startswith(b"HTTP/1.1 200 ") else 1)
 
 
 def agent_maps(pid: int) -> dict[str, int]:
-    """name -> id of the eBPF maps the agent holds file descriptors of (from fdinfo)."""
-    ids = set()
-    for fdinfo in Path(f"/proc/{pid}/fdinfo").iterdir():
-        try:
-            for line in fdinfo.read_text().splitlines():
-                if line.startswith("map_id:"):
-                    ids.add(int(line.split()[1]))
-        except (FileNotFoundError, ProcessLookupError):
-            continue
+    """name -> id of the eBPF hash maps the agent holds file descriptors of."""
+    ids = procs.fd_object_ids(pid, "map")
     out = subprocess.run(["bpftool", "-j", "map", "show"], check=True, capture_output=True,
                          text=True, timeout=30).stdout
     return {m.get("name", ""): m["id"] for m in json.loads(out or "[]")
@@ -115,14 +108,8 @@ def test_service_churn(cgroup, start_in_cgroup, tapwire, otlp_receiver, attach_l
     port = procs.free_port()
     server = start_in_cgroup(home, [sys.executable, str(procs.APPS_DIR / "digest_server.py"),
                                     "--port", str(port)])
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection((V4, port), timeout=2):
-                break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "server not up"
-            time.sleep(0.1)
+    procs.wait_for_server(lambda: socket.create_connection((V4, port), timeout=2).close(), server,
+                          "digest server")
 
     prom_port = procs.free_port()
     agent = tapwire([parent], env=otlp_receiver.exporter_env("grpc"),

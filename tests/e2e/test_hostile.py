@@ -259,14 +259,11 @@ def test_hostile_traffic(cgroup, start_in_cgroup, tapwire, otlp_receiver, attach
     port = procs.free_port()
     server = start_in_cgroup(group, [sys.executable, str(procs.APPS_DIR / "digest_server.py"),
                                      "--port", str(port)])
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            assert exchange(port, b"ready?") == expected_digest_reply(b"ready?")
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "digest server not up"
-            time.sleep(0.1)
+
+    def ready() -> None:
+        assert exchange(port, b"ready?") == expected_digest_reply(b"ready?")
+
+    procs.wait_for_server(ready, server, "digest server")
 
     prom_port = procs.free_port()
     agent = tapwire([group], env=otlp_receiver.exporter_env("grpc"),
